@@ -1,0 +1,5 @@
+"""Datamodules that the distillation module is given."""
+
+from lightning_kd.data.mnist1d import MNIST1DDataModule
+
+__all__ = ["MNIST1DDataModule"]
