@@ -1,0 +1,19 @@
+"""Distillation losses as pure functions (plain torch) with thin ``nn.Module`` twins."""
+
+from lightning_kd.losses.hard import HARD_LOSSES, IGNORE_INDEX, cross_entropy_loss, get_hard_loss, mse_loss
+from lightning_kd.losses.kd import KDLoss, kd_loss, kl_per_position, soft_mse_loss
+
+SOFT_LOSSES = ("kl", "mse")
+
+__all__ = [
+    "HARD_LOSSES",
+    "IGNORE_INDEX",
+    "SOFT_LOSSES",
+    "KDLoss",
+    "cross_entropy_loss",
+    "get_hard_loss",
+    "kd_loss",
+    "kl_per_position",
+    "mse_loss",
+    "soft_mse_loss",
+]

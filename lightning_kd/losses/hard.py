@@ -1,0 +1,93 @@
+"""The hard (ground-truth) term of distillation: cross-entropy or MSE, over labeled positions only.
+
+Unlabeled inputs (Hinton's transfer set) carry ``ignore_index`` (class targets) or NaN
+(regression targets); they count in the soft term but not here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_kd.losses._reduction import masked_mean
+
+IGNORE_INDEX = -100
+HardLoss = Union[Literal["cross_entropy", "mse"], Callable[[Tensor, Tensor], Tensor]]
+HARD_LOSSES = ("cross_entropy", "mse")
+
+
+def check_class_targets(outputs: Tensor, targets: Tensor, setting: str, *, check_values: bool = True) -> None:
+    """Raise a clear error when class-index targets do not fit ``outputs`` of shape (..., C)."""
+    num_classes = outputs.shape[-1]
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(
+            f"Expected integer class indices as targets for {setting}, but got dtype {targets.dtype}. "
+            "Use hard_loss='mse' for real-valued (regression) targets."
+        )
+    if targets.shape != outputs.shape[:-1]:
+        raise ValueError(
+            f"Expected targets of shape {tuple(outputs.shape[:-1])} for outputs of shape "
+            f"{tuple(outputs.shape)} ({setting}), but got {tuple(targets.shape)}."
+        )
+    if check_values and targets.numel():
+        valid = targets[targets != IGNORE_INDEX]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+            raise ValueError(
+                f"Expected class targets in [0, {num_classes}) or {IGNORE_INDEX} (unlabeled) for outputs "
+                f"with {num_classes} classes ({setting}), but got values in "
+                f"[{int(valid.min())}, {int(valid.max())}]. Do the labels match the model's number of classes?"
+            )
+
+
+def cross_entropy_loss(outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> Tensor:
+    """Cross-entropy over labeled positions (``targets != -100``), float32, (N, C) or (B, S, C).
+
+    A batch without any label gives a graph-connected zero.
+    """
+    check_class_targets(outputs, targets, "hard_loss='cross_entropy'", check_values=check_values)
+    per_position = F.cross_entropy(
+        outputs.float().reshape(-1, outputs.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).reshape(targets.shape)
+    return masked_mean(per_position, targets != IGNORE_INDEX, outputs)
+
+
+def mse_loss(outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> Tensor:
+    """MSE against one-hot class targets (integer targets) or raw regression targets (float).
+
+    Integer targets of shape ``outputs.shape[:-1]`` become one-hot vectors (the original design's
+    choice for classification); float targets must have the outputs' shape, NaN rows are unlabeled.
+    """
+    if targets.is_floating_point():
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"Expected regression targets of shape {tuple(outputs.shape)} (the outputs' shape) for "
+                f"hard_loss='mse', but got {tuple(targets.shape)}."
+            )
+        labeled = ~torch.isnan(targets).any(dim=-1)
+        diff = outputs.float() - torch.nan_to_num(targets.float())
+    else:
+        check_class_targets(outputs, targets, "hard_loss='mse'", check_values=check_values)
+        labeled = targets != IGNORE_INDEX
+        one_hot = F.one_hot(targets.clamp(min=0), outputs.shape[-1]).float()
+        diff = outputs.float() - one_hot
+    return masked_mean(diff.pow(2).mean(dim=-1), labeled, outputs)
+
+
+def get_hard_loss(hard_loss: HardLoss) -> Callable[..., Tensor]:
+    """Resolve ``hard_loss``: a name in :data:`HARD_LOSSES`, or any callable ``(outputs, targets)``."""
+    if callable(hard_loss):
+        return hard_loss
+    if hard_loss == "cross_entropy":
+        return cross_entropy_loss
+    if hard_loss == "mse":
+        return mse_loss
+    raise ValueError(
+        f"Unknown `hard_loss` {hard_loss!r}. Expected one of {', '.join(HARD_LOSSES)}, "
+        "or a callable/nn.Module taking (outputs, targets)."
+    )

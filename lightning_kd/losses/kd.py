@@ -1,0 +1,124 @@
+"""Hinton's knowledge-distillation loss and its high-temperature limit, as pure functions.
+
+Argument order everywhere: ``(student, teacher, ...)``. Note that ``F.kl_div(input, target)``
+and torchmetrics' KL take the two distributions in opposite orders; these functions do not.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kd.losses._reduction import check_pair, check_temperature, log_probs, masked_mean
+
+
+def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(t/T) ‖ softmax(s/T))`` summed over classes, one value per position (float32).
+
+    Classes where the teacher's probability is exactly zero (masked ``-inf`` logits) contribute
+    zero instead of ``0 · (−inf) = NaN``.
+    """
+    log_p_s = log_probs(student_logits, temperature)
+    log_p_t = log_probs(teacher_logits, temperature)
+    p_t = log_p_t.exp()
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
+    return kl.sum(dim=-1)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    *,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+) -> Tensor:
+    r"""Knowledge-distillation loss of Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
+
+    Forward KL from the teacher's tempered distribution to the student's:
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{|M|} \sum_{i \in M} \sum_c
+            p^t_{i,c} \left(\log p^t_{i,c} - \log p^s_{i,c}\right),
+        \qquad p = \mathrm{softmax}(z / T)
+
+    where :math:`M` is the set of valid positions (all of them without a mask). The :math:`T^2`
+    factor keeps the gradient scale independent of :math:`T` (Hinton et al.); switch it off with
+    ``scale_by_t2=False`` (LM recipes such as GKD run at T=1 without it). The math runs in float32
+    whatever the input dtype.
+
+    Shape:
+        - student_logits: :math:`(N, C)` or :math:`(B, S, C)`.
+        - teacher_logits: same shape as ``student_logits``.
+        - mask: ``student_logits.shape[:-1]`` (bool, True = position counts), optional.
+        - Output: scalar, float32.
+
+    Args:
+        student_logits: the student's logits (the distribution being trained).
+        teacher_logits: the teacher's logits (the target distribution).
+        temperature: :math:`T > 0`, divides both logits before the softmax.
+        mask: positions to average over; a batch with no valid position gives a zero loss that
+            is still connected to the graph.
+        scale_by_t2: multiply by :math:`T^2`.
+
+    Raises:
+        ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
+
+    Example::
+
+        >>> s = torch.tensor([[1.0, 2.0, 3.0]])
+        >>> t = torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(kd_loss(s, t, temperature=1.0).item(), 4)
+        1.1504
+    """
+    check_pair(student_logits, teacher_logits)
+    check_temperature(temperature)
+    loss = masked_mean(kl_per_position(student_logits, teacher_logits, temperature), mask, student_logits)
+    return loss * (temperature**2) if scale_by_t2 else loss
+
+
+def soft_mse_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    r"""Mean squared error between student and teacher outputs, averaged over valid positions.
+
+    .. math::
+        \mathcal{L} = \frac{1}{|M|} \sum_{i \in M} \frac{1}{C} \sum_c (z^s_{i,c} - z^t_{i,c})^2
+
+    The soft loss for regression teachers, and Hinton's high-temperature limit of KD on
+    (zero-mean) logits: :math:`T^2 \mathrm{KL} \to \frac{1}{2C}\sum_c (z^s_c - z^t_c)^2` as
+    :math:`T \to \infty`. Temperature does not apply. Float32 math.
+
+    Shape:
+        - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
+        - mask: ``student_logits.shape[:-1]``, optional. Output: scalar.
+
+    Example::
+
+        >>> round(soft_mse_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item(), 4)
+        2.5
+    """
+    check_pair(student_logits, teacher_logits)
+    per_position = (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
+    return masked_mean(per_position, mask, student_logits)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`; ``forward(student_logits, teacher_logits, mask=None)``."""
+
+    def __init__(self, temperature: float = 4.0, *, scale_by_t2: bool = True) -> None:
+        super().__init__()
+        check_temperature(temperature)
+        self.temperature = float(temperature)
+        self.scale_by_t2 = scale_by_t2
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+        return kd_loss(
+            student_logits, teacher_logits, self.temperature, mask=mask, scale_by_t2=self.scale_by_t2
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, scale_by_t2={self.scale_by_t2}"
