@@ -1,0 +1,85 @@
+"""Default batch handling: turn what a dataloader yields into ``(inputs, targets)``.
+
+Unlabeled inputs (Hinton's transfer set) get ``targets = -100`` (class indices) or NaN
+(regression) so that the hard loss skips them and the soft loss still covers them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_kd.losses import IGNORE_INDEX
+
+_INPUT_KEYS = ("inputs", "input", "x", "images", "image", "input_ids")
+_TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+
+_FORMATS = (
+    "`(inputs, targets)`, `(inputs,)` or a bare tensor of inputs (unlabeled), a dict with an input key "
+    f"({', '.join(_INPUT_KEYS)}) and an optional target key ({', '.join(_TARGET_KEYS)}), or a dict of such "
+    "batches (e.g. a CombinedLoader of a labeled and an unlabeled loader)"
+)
+
+
+def unpack(batch: Any) -> tuple[Any, Tensor | None]:
+    """Split ``batch`` into ``(inputs, targets)``; ``targets`` is None for unlabeled inputs.
+
+    Raises:
+        TypeError: for a batch in none of the supported formats (override
+            ``DistillationModule.unpack_batch`` for those).
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+    if isinstance(batch, Mapping):
+        input_key = next((k for k in _INPUT_KEYS if k in batch), None)
+        if input_key is not None:
+            target_key = next((k for k in _TARGET_KEYS if k in batch), None)
+            return batch[input_key], (batch[target_key] if target_key is not None else None)
+        parts = [v for v in batch.values() if v is not None]  # CombinedLoader "max_size" pads with None
+        if parts and all(isinstance(v, (tuple, list, Tensor, Mapping)) for v in parts):
+            return concat([unpack(v) for v in parts])
+    kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+    raise TypeError(
+        f"Cannot unpack a batch of type {kind}. Expected {_FORMATS}. For any other format, subclass "
+        "DistillationModule and override `unpack_batch(batch) -> (inputs, targets)`."
+    )
+
+
+def concat(parts: list[tuple[Any, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate ``(inputs, targets)`` pairs along the batch dimension; unlabeled rows get ignore targets."""
+    if len(parts) == 1:
+        return parts[0]
+    if not all(isinstance(x, Tensor) for x, _ in parts):
+        raise TypeError(
+            "Cannot concatenate non-tensor inputs of a combined batch. Override `unpack_batch` to merge them."
+        )
+    inputs = torch.cat([x for x, _ in parts])
+    labeled = [y for _, y in parts if y is not None]
+    if not labeled:
+        return inputs, None
+    like = labeled[0]
+    fill = float("nan") if like.is_floating_point() else IGNORE_INDEX
+    targets = [
+        y if y is not None else torch.full((len(x), *like.shape[1:]), fill, dtype=like.dtype, device=like.device)
+        for x, y in parts
+    ]
+    return inputs, torch.cat(targets)
+
+
+def batch_size(inputs: Any) -> int:
+    """Number of samples in ``inputs`` (a tensor, or a mapping/sequence of tensors)."""
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    if isinstance(inputs, Mapping):
+        return batch_size(next(iter(inputs.values())))
+    if isinstance(inputs, (tuple, list)):
+        return batch_size(inputs[0])
+    raise TypeError(f"Cannot infer the batch size of inputs of type {type(inputs).__name__}.")

@@ -1,0 +1,205 @@
+"""The ``lightning-kd`` command: compose ``conf/`` with Hydra, run the task's stages, write the report.
+
+``train(cfg)`` is a plain function (the tests call it); :func:`main` is the thin ``@hydra.main``
+wrapper. The flow reads straight: config -> instantiate (teacher, student, data, module, callbacks,
+trainer) -> ``Trainer.fit`` / ``test`` -> report. Each stage lives in ``<run_dir>/<stage>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lightning_kd import report
+from lightning_kd.module import DistillationModule
+
+log = logging.getLogger("lightning_kd")
+
+STUDENT_STAGES = ("student_scratch", "student_distilled", "student_distilled_transfer")
+STAGES = ("teacher", *STUDENT_STAGES)
+
+
+def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Run every stage of ``cfg.task.stages`` and write the report; return its entries."""
+    stages = list(cfg.task.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"Unknown stage(s) {unknown} in `task.stages`. Expected any of: {', '.join(STAGES)}.")
+    if "teacher" not in stages and any(s != "student_scratch" for s in stages) and not cfg.teacher.get("checkpoint"):
+        raise ValueError(
+            f"`task={cfg.task.name}` distils from a saved teacher: set `teacher.checkpoint=PATH` (e.g. the "
+            "`teacher/checkpoints/last.ckpt` of a `lightning-kd task=teacher` run), or use `task=pipeline`."
+        )
+    run_dir = Path(cfg.run_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    teacher_checkpoint = cfg.teacher.get("checkpoint")
+    for stage in stages:
+        entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint)
+        if stage == "teacher":
+            teacher_checkpoint = checkpoint
+        entries[stage] = entry
+    _write(cfg, run_dir, entries)
+    return entries
+
+
+def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: str | None) -> tuple[dict[str, Any], str | None]:
+    """Train (or, for a given teacher checkpoint, only evaluate) one stage; finished stages are reused."""
+    stage_dir = run_dir / stage
+    done = stage_dir / "result.json"
+    if done.is_file():  # a re-run in the same directory resumes after the last finished stage
+        result = json.loads(done.read_text())
+        log.info("Stage %s already finished in %s: reusing it.", stage, stage_dir)
+        return result["entry"], result["checkpoint"]
+
+    L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
+    given_teacher = stage == "teacher" and teacher_checkpoint is not None
+    module = build_module(cfg, stage, teacher_checkpoint)
+    datamodule = build_datamodule(cfg, stage)
+    recipe = cfg.teacher if stage == "teacher" else cfg.student
+    epochs = recipe.transfer_epochs if stage == "student_distilled_transfer" else recipe.epochs
+    trainer = build_trainer(cfg, stage, stage_dir, max_epochs=0 if given_teacher else epochs)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if not given_teacher:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    model = module.student
+    entry = {
+        "test_acc": _float(metrics.get("test/acc")),
+        "params": report.count_parameters(model),
+        "weights_bytes": None,
+        "latency_ms": None,
+        "epochs": 0 if given_teacher else int(epochs),
+        "agreement_with_teacher": _float(metrics.get("test/agreement")),
+        "teacher_test_acc": _float(metrics.get("test/teacher_acc")),
+    }
+    checkpoint = str(teacher_checkpoint) if given_teacher else str(last)
+    _finish_stage(cfg, stage_dir, module, datamodule, entry, checkpoint)
+    return entry, checkpoint
+
+
+def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> DistillationModule:
+    if stage == "teacher":
+        model = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
+        if teacher_checkpoint is not None:  # evaluate a given teacher: load it as the "student" being tested
+            from lightning_kd.weights import load_weights
+
+            load_weights(model, teacher_checkpoint)
+        return module_class(cfg)(None, model, **_recipe(cfg.teacher))
+    student = hydra.utils.instantiate(cfg.student.model, _convert_="all")
+    if stage == "student_scratch":
+        return module_class(cfg)(None, student, hard_loss=cfg.distill.hard_loss, **_recipe(cfg.student))
+    if teacher_checkpoint is None:
+        raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    teacher = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
+    distill = OmegaConf.to_container(cfg.distill, resolve=True)
+    return module_class(cfg)(teacher, student, teacher_checkpoint=str(teacher_checkpoint), **distill, **_recipe(cfg.student))
+
+
+def module_class(cfg: DictConfig) -> type[DistillationModule]:
+    """``cfg.module``: DistillationModule or a user subclass (e.g. one overriding ``unpack_batch``)."""
+    cls = hydra.utils.get_class(cfg.get("module") or "lightning_kd.DistillationModule")
+    if not (isinstance(cls, type) and issubclass(cls, DistillationModule)):
+        raise TypeError(f"Expected `module` to name DistillationModule or a subclass of it, but got {cfg.module!r}.")
+    return cls
+
+
+def _recipe(recipe: DictConfig) -> dict[str, Any]:
+    optimizer = hydra.utils.instantiate(recipe.optimizer) if recipe.get("optimizer") else None
+    scheduler = recipe.get("lr_scheduler")
+    if isinstance(scheduler, DictConfig):
+        scheduler = hydra.utils.instantiate(scheduler)
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def build_datamodule(cfg: DictConfig, stage: str) -> L.LightningDataModule:
+    """The task's datamodule; only the transfer stage sees the unlabeled transfer set."""
+    has_transfer = "transfer_samples" in cfg.data
+    if stage == "student_distilled_transfer":
+        if not has_transfer or not cfg.data.transfer_samples:
+            raise ValueError(
+                "Stage student_distilled_transfer needs unlabeled inputs: set `data.transfer_samples` > 0 "
+                "(a datamodule argument), or drop the stage from `task.stages`."
+            )
+        return hydra.utils.instantiate(cfg.data)
+    return hydra.utils.instantiate(cfg.data, **({"transfer_samples": 0} if has_transfer else {}))
+
+
+def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: int) -> L.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    for callback in callbacks:
+        if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint):
+            callback.dirpath = str(stage_dir / "checkpoints")
+    if stage in ("student_distilled", "student_distilled_transfer") and cfg.get("schedule"):
+        callbacks.append(hydra.utils.instantiate(cfg.schedule, _convert_="all"))
+    logger: Any = False
+    if cfg.get("logger"):
+        logger = hydra.utils.instantiate(cfg.logger, name=stage)
+    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger)
+
+
+@rank_zero_only
+def _finish_stage(cfg: DictConfig, stage_dir: Path, module: DistillationModule, datamodule: Any, entry: dict[str, Any], checkpoint: str) -> None:
+    """Export the model's weights, time it on the CPU, and mark the stage done (rank 0 only)."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    model = module.student
+    weights = stage_dir / "model.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+    entry["weights_bytes"] = weights.stat().st_size
+    example, _ = module.unpack_batch(next(iter(datamodule.test_dataloader())))
+    entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
+    entry["latency_batch_size"] = int(example.shape[0]) if isinstance(example, torch.Tensor) else None
+    (stage_dir / "result.json").write_text(json.dumps({"entry": entry, "checkpoint": checkpoint}, indent=2) + "\n")
+
+
+@rank_zero_only
+def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
+    meta = {
+        "seed": cfg.seed,
+        "temperature": cfg.distill.temperature,
+        "alpha": cfg.distill.alpha,
+        "teacher": cfg.teacher.model.get("name", cfg.teacher.model.get("_target_")),
+        "student": cfg.student.model.get("name", cfg.student.model.get("_target_")),
+        "precision": cfg.trainer.get("precision"),
+    }
+    md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot))
+    _print_table(entries)
+    log.info("Report written to %s", md)
+
+
+def _print_table(entries: dict[str, dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lightning-kd: teacher vs student (test set)")
+    for title in ("model", *(title for _, title, _ in report.COLUMNS)):
+        table.add_column(title, justify="left" if title == "model" else "right")
+    for name in report.ordered(entries):
+        row = entries[name]
+        table.add_row(name, *(report._cell(key, row.get(key), fmt) for key, _, fmt in report.COLUMNS))
+    Console().print(table)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    @hydra.main(version_base="1.3", config_path="pkg://lightning_kd.conf", config_name="config")
+    def wrapped(cfg: DictConfig) -> None:
+        fn(cfg)
+
+    return wrapped
+
+
+main = _entry_point(train)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,434 @@
+"""DistillationModule: a frozen teacher, a trainable student, and the training step between them."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from functools import partial
+from typing import Any, Callable, Literal, Mapping
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from typing_extensions import override
+
+from lightning_kd import batch as batch_utils
+from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
+from lightning_kd.losses.hard import HardLoss
+from lightning_kd.weights import load_weights
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+LR_SCHEDULERS = ("cosine",)
+
+
+class DistillationModule(L.LightningModule):
+    r"""Distil a frozen ``teacher`` into a trainable ``student``.
+
+    The training loss, with ``alpha`` weighting the **soft** (teacher) term:
+
+    .. math::
+        \mathcal{L} = \alpha \, T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T)\big)
+            + (1 - \alpha) \, \mathcal{L}_{\text{hard}}(z_s, y)
+
+    (torchdistill uses the opposite convention for alpha.) The soft term covers every input, the
+    hard term only labeled ones: a batch may mix labeled inputs with unlabeled ones (Hinton's
+    transfer set), e.g. a ``CombinedLoader`` of a labeled and an unlabeled loader.
+
+    Teacher hygiene: the teacher's parameters get ``requires_grad=False`` (so DDP ignores them),
+    it runs under ``torch.no_grad()`` and stays in eval mode on every training step even after a
+    ``model.train()`` / ``model.eval()`` call, the optimizer sees only the student's parameters,
+    and checkpoints hold no ``teacher.*`` keys unless ``keep_teacher_in_checkpoint=True``; instead they
+    record a fingerprint of the teacher's weights, checked when the checkpoint is loaded.
+
+    With ``teacher=None`` the module trains the student alone on the hard loss: the same code path,
+    metrics and optimizer, which makes it the fair "from scratch" baseline (and a teacher trainer).
+
+    Override points for user projects: :meth:`unpack_batch`, :meth:`teacher_forward`,
+    :meth:`student_forward`, :meth:`distillation_loss`.
+
+    Args:
+        teacher: the trained teacher (frozen here), or None for plain supervised training.
+        student: the model to train; ``forward(x)`` is the student.
+        temperature: softmax temperature :math:`T > 0` (the annealing callback may change it).
+        alpha: weight of the soft term in [0, 1] (the annealing callback may change it).
+        hard_loss: ``"cross_entropy"``, ``"mse"`` (one-hot class targets or raw regression
+            targets), or any callable ``(student_outputs, targets) -> loss``.
+        soft_loss: ``"kl"`` (Hinton's KD) or ``"mse"`` between student and teacher outputs (the
+            regression case, and the high-temperature limit of KD on logits).
+        scale_by_t2: multiply the KL term by :math:`T^2`.
+        optimizer: a partial ``params -> Optimizer`` (Hydra ``_partial_: true``) applied to the
+            trainable (student) parameters; default ``Adam(lr=1e-3)``.
+        lr_scheduler: None, ``"cosine"`` (per-step cosine decay over the whole run), or a partial
+            ``optimizer -> scheduler`` (or -> a Lightning lr-scheduler dict).
+        lr_scheduler_interval: ``"epoch"`` or ``"step"``, for a partial ``lr_scheduler``.
+        keep_teacher_in_checkpoint: also save the teacher's weights in checkpoints.
+        teacher_checkpoint: where the teacher's weights come from (a checkpoint or state-dict file);
+            recorded in the hyperparameters so that ``load_from_checkpoint`` can rebuild the teacher
+            from it when the teacher architecture it is given does not carry the right weights.
+
+    Raises:
+        ValueError: for ``temperature <= 0``, ``alpha`` outside [0, 1], an unknown loss or
+            scheduler name; at run time for teacher/student outputs of different shapes or
+            targets that do not fit the outputs.
+        TypeError: if teacher or student is not an ``nn.Module``.
+
+    Example::
+
+        >>> from lightning_kd.models import get_model
+        >>> module = DistillationModule(get_model("cnn1d"), get_model("mlp"), temperature=4.0, alpha=0.9)
+        >>> module.teacher.training, any(p.requires_grad for p in module.teacher.parameters())
+        (False, False)
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        *,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        hard_loss: HardLoss = "cross_entropy",
+        soft_loss: Literal["kl", "mse"] = "kl",
+        scale_by_t2: bool = True,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: str | Callable[..., Any] | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        keep_teacher_in_checkpoint: bool = False,
+        teacher_checkpoint: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"Expected `student` to be an nn.Module, but got {type(student).__name__}.")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"Expected `teacher` to be an nn.Module or None, but got {type(teacher).__name__}.")
+        if soft_loss not in SOFT_LOSSES:
+            raise ValueError(f"Unknown `soft_loss` {soft_loss!r}. Expected one of {', '.join(SOFT_LOSSES)}.")
+        if isinstance(lr_scheduler, str) and lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(
+                f"Unknown `lr_scheduler` {lr_scheduler!r}. Expected one of {', '.join(LR_SCHEDULERS)}, None, "
+                "or a partial taking the optimizer."
+            )
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"Expected `lr_scheduler_interval` to be 'epoch' or 'step', but got {lr_scheduler_interval!r}.")
+        self.hard_loss_fn = get_hard_loss(hard_loss)
+        self._builtin_hard = isinstance(hard_loss, str)
+        self.temperature = temperature  # validated by the property setters below
+        self.alpha = alpha
+        self.soft_loss = soft_loss
+        self.scale_by_t2 = scale_by_t2
+        self.optimizer_factory = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.keep_teacher_in_checkpoint = keep_teacher_in_checkpoint
+        self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
+        # Only plain values go to the hyperparameters: checkpoints must load with weights_only=True.
+        self.save_hyperparameters(
+            {
+                "temperature": float(temperature),
+                "alpha": float(alpha),
+                "hard_loss": hard_loss if isinstance(hard_loss, str) else None,
+                "soft_loss": soft_loss,
+                "scale_by_t2": scale_by_t2,
+                "lr_scheduler": lr_scheduler if isinstance(lr_scheduler, str) else None,
+                "keep_teacher_in_checkpoint": keep_teacher_in_checkpoint,
+                "teacher_checkpoint": self.teacher_checkpoint,
+            }
+        )
+
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            if teacher_checkpoint is not None:
+                load_weights(teacher, teacher_checkpoint)
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self._teacher_fingerprint: str | None = None
+        self._teacher_acc_logged = False
+        self._targets_checked = False
+        self._eval_mode_filter: tuple | None = None
+        self.register_state_dict_post_hook(_drop_teacher_keys)
+        self.register_load_state_dict_post_hook(_allow_missing_teacher_keys)
+
+        names = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in names}
+        )
+
+    # ------------------------------------------------------------------ settings the callback anneals
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"Expected `temperature` to be > 0, but got {value}.")
+        self._temperature = float(value)
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"Expected `alpha` to be in [0, 1], but got {value}.")
+        self._alpha = float(value)
+
+    # ------------------------------------------------------------------ hooks for user projects
+    def unpack_batch(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """Split a batch into ``(inputs, targets)``; ``targets`` None (or -100 rows) = unlabeled.
+
+        Default: ``(x, y)``, ``(x,)``, a tensor, a dict with input/target keys, or a dict of such
+        batches (``CombinedLoader``). Override for other formats.
+        """
+        return batch_utils.unpack(batch)
+
+    def teacher_forward(self, inputs: Any) -> Tensor:
+        """The teacher's logits for ``inputs``, computed without autograd."""
+        with torch.no_grad():
+            return _logits(self.teacher(inputs))
+
+    def student_forward(self, inputs: Any) -> Tensor:
+        """The student's logits for ``inputs``."""
+        return _logits(self.student(inputs))
+
+    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor | None) -> dict[str, Tensor]:
+        """``{"loss", "soft", "hard"}``: ``alpha * soft + (1 - alpha) * hard`` (hard alone without a teacher)."""
+        zero = 0.0 * student_out.float().sum()  # graph-connected zero for a missing term
+        hard = zero if targets is None else self._hard(student_out, targets)
+        if teacher_out is None:
+            return {"loss": hard, "soft": zero, "hard": hard}
+        if self.soft_loss == "kl":
+            soft = kd_loss(student_out, teacher_out, self.temperature, scale_by_t2=self.scale_by_t2)
+        else:
+            soft = soft_mse_loss(student_out, teacher_out)
+        if self.alpha == 1.0:
+            loss = soft
+        else:
+            loss = self.alpha * soft + (1.0 - self.alpha) * hard
+        return {"loss": loss, "soft": soft, "hard": hard}
+
+    def forward(self, x: Any) -> Any:
+        return self.student(x)
+
+    # ------------------------------------------------------------------ steps
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets = self.unpack_batch(batch)
+        teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
+        student_out = self.student_forward(inputs)
+        losses = self.distillation_loss(student_out, teacher_out, targets)
+        n = batch_utils.batch_size(inputs)
+        for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
+            self.log(f"train/{name}", losses[key], on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=n, sync_dist=True)
+        self._update_metrics("train", student_out, teacher_out, targets)
+        return losses["loss"]
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        inputs, _ = self.unpack_batch(batch)
+        return self.student_forward(inputs)
+
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        inputs, targets = self.unpack_batch(batch)
+        teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
+        student_out = self.student_forward(inputs)
+        if targets is not None:
+            self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
+        self._update_metrics(stage, student_out, teacher_out, targets)
+
+    def _hard(self, student_out: Tensor, targets: Tensor) -> Tensor:
+        if self._builtin_hard:
+            # value checks need a device sync: once per fit is enough, shapes are checked every step
+            loss = self.hard_loss_fn(student_out, targets, check_values=not self._targets_checked)
+            self._targets_checked = True
+            return loss
+        return self.hard_loss_fn(student_out, targets)
+
+    def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor | None) -> None:
+        m = self.metrics
+        s = student_out.detach().float()
+        t = None if teacher_out is None else teacher_out.detach().float()
+        if t is not None and self.soft_loss == "kl":
+            m[f"{stage}_agreement"].update((s.argmax(-1) == t.argmax(-1)).float().flatten())
+            if stage != "train":
+                m[f"{stage}_kl"].update(kl_per_position(s, t, 1.0).flatten())
+        if targets is None:
+            return
+        if targets.is_floating_point():  # regression
+            labeled = ~torch.isnan(targets).any(dim=-1)
+            m[f"{stage}_mse"].update((s - targets).pow(2).mean(-1)[labeled])
+            if t is not None and stage != "train":
+                m[f"{stage}_teacher_mse"].update((t - targets).pow(2).mean(-1)[labeled])
+            return
+        labeled = targets != IGNORE_INDEX
+        m[f"{stage}_acc"].update((s.argmax(-1) == targets)[labeled].float())
+        if t is not None and stage != "train":
+            m[f"{stage}_teacher_acc"].update((t.argmax(-1) == targets)[labeled].float())
+
+    def _log_metrics(self, stage: str) -> None:
+        for key, metric in self.metrics.items():
+            prefix, name = key.split("_", 1)
+            if prefix != stage or metric.update_count == 0:
+                continue
+            if name.startswith("teacher_") and stage == "val":
+                if self._teacher_acc_logged or self.trainer.sanity_checking:
+                    metric.reset()
+                    continue  # the frozen teacher's accuracy is logged once
+            value = metric.compute()
+            metric.reset()
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=False)
+        if stage == "val" and not self.trainer.sanity_checking and self.teacher is not None:
+            self._teacher_acc_logged = True
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ------------------------------------------------------------------ optimizers
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter outside the teacher: the student (and later, adapters)."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        factory = self.optimizer_factory or partial(torch.optim.Adam, lr=1e-3)
+        optimizer = factory(params)
+        if self.lr_scheduler is None:
+            return optimizer
+        if self.lr_scheduler == "cosine":
+            total = self.trainer.estimated_stepping_batches
+            if total == float("inf"):
+                raise RuntimeError("lr_scheduler='cosine' needs a finite run: set `max_epochs` or `max_steps`.")
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(total)))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = self.lr_scheduler(optimizer)
+        if isinstance(scheduler, Mapping):
+            return {"optimizer": optimizer, "lr_scheduler": dict(scheduler)}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+    # ------------------------------------------------------------------ modes
+    @override
+    def train(self, mode: bool = True) -> "DistillationModule":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # `model.train()` must never turn the teacher's dropout/BatchNorm on
+        return self
+
+    @override
+    def on_fit_start(self) -> None:
+        self._targets_checked = False
+        self.student.train()  # a user's `model.eval()` before fit must not freeze the student
+        if self.teacher is None:
+            return
+        self.teacher.eval()
+        self._teacher_fingerprint = None
+        # Lightning warns about modules in eval mode at the start of training; the frozen teacher's
+        # are expected. Silence exactly that count, so a student left in eval mode still warns.
+        count = sum(1 for _ in self.teacher.modules())
+        self._eval_mode_filter = ("ignore", re.compile(rf"Found {count} module\(s\) in eval mode"), Warning, None, 0)
+        warnings.filters.insert(0, self._eval_mode_filter)
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+
+    @override
+    def on_train_start(self) -> None:
+        if self._eval_mode_filter in warnings.filters:
+            warnings.filters.remove(self._eval_mode_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Re-asserted every step: validation loops, user callbacks or `model.train()` may flip modes.
+        if self.teacher is not None and self.teacher.training:
+            self.teacher.eval()
+        if not self.student.training:
+            self.student.train()
+
+    # ------------------------------------------------------------------ checkpoints
+    def teacher_fingerprint(self) -> str | None:
+        """SHA-256 of the teacher's parameters and buffers (cached during a fit: the teacher is frozen)."""
+        if self.teacher is None:
+            return None
+        fitting = self._trainer is not None and self._trainer.training
+        if self._teacher_fingerprint is None or not fitting:
+            self._teacher_fingerprint = fingerprint(self.teacher)
+        return self._teacher_fingerprint
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = checkpoint.get("teacher_fingerprint")
+        has_teacher_keys = any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {}))
+        if expected is None or self.teacher is None or has_teacher_keys:
+            return
+        actual = fingerprint(self.teacher)
+        if actual == expected:
+            return
+        raise RuntimeError(
+            "The teacher given to this module is not the one the checkpoint was trained with (its weights "
+            f"fingerprint differs: expected {expected[:12]}, got {actual[:12]}). Pass the "
+            "trained teacher (e.g. `teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or "
+            "save checkpoints with `keep_teacher_in_checkpoint=True`."
+        )
+
+
+def _logits(output: Any) -> Tensor:
+    """Logits from a model output: a tensor, an object with ``.logits`` (Hugging Face), or a tuple's first item."""
+    if isinstance(output, Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"Expected the model to return logits (a tensor, `.logits`, or a tuple starting with them), but got "
+        f"{type(output).__name__}. Override `teacher_forward` / `student_forward` to extract them."
+    )
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over a model's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _drop_teacher_keys(module: DistillationModule, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: checkpoints hold no teacher weights (works when the module is wrapped)."""
+    if module.keep_teacher_in_checkpoint:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def _allow_missing_teacher_keys(module: DistillationModule, incompatible_keys: Any) -> None:
+    """Load post-hook: missing ``teacher.*`` keys are expected (the teacher comes from its own source and
+    its fingerprint is checked in ``on_load_checkpoint``); a missing student key still fails loudly."""
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.startswith("teacher.")]:
+        missing.remove(key)

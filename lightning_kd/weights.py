@@ -1,0 +1,52 @@
+"""Load a model's weights from a Lightning checkpoint or a plain state-dict file, safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+# Where a model's keys live inside our own checkpoints, most likely first.
+_PREFIXES = ("student.", "model.", "teacher.", "")
+
+
+def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None) -> M:
+    """Load ``model``'s weights from ``path`` in place and return it.
+
+    ``path`` is a Lightning checkpoint (its ``state_dict``) or a file holding a state dict, loaded
+    with ``torch.load(..., weights_only=True)`` (no pickled code runs). The keys of ``model`` are
+    looked up under ``prefix``; by default the first of ``student.``, ``model.``, ``teacher.`` or no
+    prefix that holds all of them, so the checkpoint of a teacher trained with ``lightning-kd
+    task=teacher`` (keys ``student.*``) loads directly into the bare architecture.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        RuntimeError: if no prefix holds all of the model's keys (listing what is missing), or shapes differ.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Teacher/model checkpoint not found: {str(path)!r}. Expected a Lightning checkpoint or a state-dict "
+            "file (e.g. the `checkpoints/last.ckpt` of a `lightning-kd task=teacher` run)."
+        )
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"Expected {str(path)!r} to hold a state dict or a Lightning checkpoint, but got {type(checkpoint).__name__}.")
+    wanted = list(model.state_dict())
+    candidates = (prefix,) if prefix is not None else _PREFIXES
+    for candidate in candidates:
+        if all(candidate + key in state for key in wanted):
+            model.load_state_dict({key: state[candidate + key] for key in wanted})
+            return model
+    sample = ", ".join(list(state)[:5])
+    raise RuntimeError(
+        f"The checkpoint {str(path)!r} does not fit this model: none of the prefixes {candidates} holds all of its "
+        f"{len(wanted)} keys (first model key: {wanted[0]!r}; checkpoint keys start with: {sample}). Is it the right "
+        "architecture? Pass `prefix=` if the weights live under another name."
+    )
