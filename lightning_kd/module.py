@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_kd import batch as batch_utils
 from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
+from lightning_kd.losses._reduction import check_pair
 from lightning_kd.losses.hard import HardLoss
 from lightning_kd.weights import load_weights
 
@@ -260,6 +261,8 @@ class DistillationModule(L.LightningModule):
         m = self.metrics
         s = student_out.detach().float()
         t = None if teacher_out is None else teacher_out.detach().float()
+        if t is not None:
+            check_pair(s, t)  # before any metric compares them (the sanity check runs validation first)
         if t is not None and self.soft_loss == "kl":
             m[f"{stage}_agreement"].update((s.argmax(-1) == t.argmax(-1)).float().flatten())
             if stage != "train":
@@ -338,7 +341,12 @@ class DistillationModule(L.LightningModule):
     @override
     def on_fit_start(self) -> None:
         self._targets_checked = False
-        self.student.train()  # a user's `model.eval()` before fit must not freeze the student
+        # A user's `model.eval()` before fit must not freeze the student for the whole run. A student
+        # that is itself in train mode keeps the modes its user chose for its submodules.
+        if not self.student.training:
+            self.student.train()
+        self.training = True  # the root and the metrics only, without recursing into the teacher
+        self.metrics.train()
         if self.teacher is None:
             return
         self.teacher.eval()

@@ -1,0 +1,357 @@
+"""DistillationModule on real (tiny) fits: teacher hygiene, the loss, checkpoints, resume, errors."""
+
+import copy
+import math
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_kd import DistillationAnnealing, DistillationModule
+from lightning_kd.models import get_model
+from lightning_kd.schedules import Cosine, Linear
+
+
+def loaders(n=96, classes=10, batch=32, unlabeled=0):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 40, generator=g), torch.randint(0, classes, (n,), generator=g)
+    train = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    if unlabeled:
+        xu = torch.randn(unlabeled, 40, generator=g)
+        train = CombinedLoader(
+            {"labeled": train, "unlabeled": DataLoader(TensorDataset(xu), batch_size=batch)}, mode="max_size_cycle"
+        )
+    return train, DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+def trainer(tmp_path=None, **kwargs):
+    defaults = dict(
+        accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(default_root_dir=tmp_path, **defaults)
+
+
+class Recorder(DistillationModule):
+    """Records, on every training step, the modes and what the loss was computed from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modes, self.steps = [], []
+
+    def training_step(self, batch, batch_idx):
+        self.modes.append((self.teacher.training, self.student.training, torch.is_grad_enabled()))
+        self.steps.append((self.temperature, self.alpha))
+        return super().training_step(batch, batch_idx)
+
+
+def teacher_state(module):
+    return {k: v.clone() for k, v in module.teacher.state_dict().items()}
+
+
+# ------------------------------------------------------------------------- teacher hygiene
+@pytest.mark.filterwarnings("error:.*in eval mode")
+def test_teacher_frozen_bit_identical_and_modes_on_every_step():
+    teacher = get_model("cnn1d")
+    teacher.train()  # a user hands over a teacher in train mode: BatchNorm would update its stats
+    module = Recorder(teacher, get_model("mlp"))
+    before = teacher_state(module)
+    assert any("running_mean" in k for k in before)  # BatchNorm buffers are part of the check
+    module.eval()  # the KD_FACTS pitfall: a user calls eval() before fit ...
+    module.train()  # ... or train(), which must not turn the teacher's BatchNorm on
+    assert module.teacher.training is False
+    module.eval()
+    train, val = loaders()
+    trainer(max_epochs=2).fit(module, train, val)
+    after = module.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert len(module.modes) == 6
+    assert all(m == (False, True, True) for m in module.modes)
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_optimizer_sees_exactly_the_student_parameters():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    optimizer = module.configure_optimizers()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in params} == {id(p) for p in module.student.parameters()}
+    assert len(params) == len(list(module.student.parameters()))
+
+
+def test_teacher_runs_without_autograd():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    out = module.teacher_forward(torch.randn(4, 40))
+    assert not out.requires_grad and out.grad_fn is None
+
+
+def test_eval_mode_warning_silenced_for_the_teacher_only():
+    train, val = loaders()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1).fit(DistillationModule(get_model("cnn1d"), get_model("mlp")), train, val)
+    assert not [w for w in caught if "in eval mode" in str(w.message)]
+
+    student = get_model("mlp")
+    student.hidden[0].eval()  # a user's deliberate choice inside the student: still reported
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1).fit(DistillationModule(get_model("cnn1d"), student), train, val)
+    assert [w for w in caught if "in eval mode" in str(w.message)]
+
+
+# ------------------------------------------------------------------------- the loss
+def reference_loss(student_logits, teacher_logits, targets, T, alpha):
+    """Float64: alpha * T^2 * mean_i KL_i(all inputs) + (1 - alpha) * CE over labeled rows."""
+    s, t = student_logits.double(), teacher_logits.double()
+    kl = 0.0
+    for i in range(s.shape[0]):
+        ps = torch.exp(s[i] / T) / torch.exp(s[i] / T).sum()
+        pt = torch.exp(t[i] / T) / torch.exp(t[i] / T).sum()
+        kl += float((pt * (pt.log() - ps.log())).sum())
+    kl /= s.shape[0]
+    labeled = [i for i in range(s.shape[0]) if targets[i] >= 0]
+    ce = -sum(float(s[i, targets[i]] - torch.logsumexp(s[i], 0)) for i in labeled) / len(labeled)
+    return alpha * T * T * kl + (1 - alpha) * ce, T * T * kl, ce
+
+
+def test_training_step_loss_matches_reference_with_unlabeled_inputs():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), temperature=3.0, alpha=0.7)
+    module.log = lambda *a, **k: None  # no Trainer attached
+    x_l, y = torch.randn(5, 40), torch.randint(0, 10, (5,))
+    x_u = torch.randn(3, 40)
+    batch = {"labeled": [x_l, y], "unlabeled": [x_u]}  # what a CombinedLoader yields
+    loss = module.training_step(batch, 0)
+    x = torch.cat([x_l, x_u])
+    with torch.no_grad():
+        s, t = module.student(x), module.teacher(x)
+    expected, soft, hard = reference_loss(s, t, torch.cat([y, torch.full((3,), -100)]), 3.0, 0.7)
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    parts = module.distillation_loss(s, t, torch.cat([y, torch.full((3,), -100)]))
+    assert parts["soft"].item() == pytest.approx(soft, rel=1e-5, abs=1e-6)  # float32 KL: ~1e-7 absolute
+    assert parts["hard"].item() == pytest.approx(hard, rel=1e-5)
+
+
+def test_fully_unlabeled_batch_trains_on_the_soft_term():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), alpha=0.5)
+    module.log = lambda *a, **k: None
+    x = torch.randn(4, 40)
+    loss = module.training_step((x,), 0)
+    with torch.no_grad():
+        s, t = module.student(x), module.teacher(x)
+    _, soft, _ = reference_loss(s, t, torch.zeros(4, dtype=torch.long), 4.0, 0.5)
+    assert loss.item() == pytest.approx(0.5 * soft, rel=1e-5, abs=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in module.student.parameters())
+
+
+def test_without_teacher_the_loss_is_the_hard_loss():
+    module = DistillationModule(None, get_model("mlp"))
+    module.log = lambda *a, **k: None
+    x, y = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s = module.student(x).double()
+    assert loss.item() == pytest.approx(float(nn.functional.cross_entropy(s, y)), rel=1e-6)
+
+
+def test_bf16_mixed_on_cpu_trains_and_logs_float32_losses(tmp_path):
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    train, val = loaders()
+    t = trainer(tmp_path, precision="bf16-mixed", max_epochs=1, logger=CSVLogger(tmp_path, name="", version=""))
+    t.fit(module, train, val)
+    metrics = t.callback_metrics
+    assert metrics["train/soft_loss"].dtype == torch.float32
+    assert math.isfinite(float(metrics["train/loss"]))
+    assert module.student.hidden[0][0].weight.dtype == torch.float32
+
+
+def test_logged_metrics(tmp_path):
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    train, val = loaders()
+    t = trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1)
+    t.fit(module, train, val)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in ("train/loss_step", "train/soft_loss_step", "train/hard_loss_step", "train/acc", "train/agreement",
+                 "val/acc", "val/kl", "val/agreement", "val/teacher_acc", "val/loss"):
+        assert name in header, name
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    col = header.index("val/teacher_acc")
+    assert sum(1 for r in rows if r.split(",")[col]) == 1  # the frozen teacher's accuracy, logged once
+    # the teacher's test accuracy is what a manual forward gives
+    result = t.test(module, val, verbose=False)[0]
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        manual = (module.teacher(x).argmax(-1) == y).float().mean().item()
+        agreement = (module.teacher(x).argmax(-1) == module.student(x).argmax(-1)).float().mean().item()
+    assert result["test/teacher_acc"] == pytest.approx(manual)
+    assert result["test/agreement"] == pytest.approx(agreement)
+
+
+# ------------------------------------------------------------------------- checkpoints
+def fit_with_checkpoint(tmp_path, module, **kwargs):
+    train, val = loaders()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[ckpt], **kwargs).fit(module, train, val)
+    return tmp_path / "last.ckpt"
+
+
+def test_checkpoint_holds_no_teacher_and_loads_weights_only(tmp_path):
+    teacher = get_model("cnn1d")
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    module = DistillationModule(teacher, get_model("mlp"), teacher_checkpoint=str(tmp_path / "teacher.pt"))
+    path = fit_with_checkpoint(tmp_path, module)
+    checkpoint = torch.load(path, weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and not [k for k in keys if k.startswith("teacher.")]
+    assert all(k.startswith(("student.", "metrics.")) for k in keys)
+    assert checkpoint["hyper_parameters"]["teacher_checkpoint"] == str(tmp_path / "teacher.pt")
+    assert module.teacher.state_dict().keys()  # the live module still has its teacher
+
+    # load_from_checkpoint with a *fresh* (random) teacher architecture: rebuilt from its own source
+    loaded = DistillationModule.load_from_checkpoint(path, teacher=get_model("cnn1d"), student=get_model("mlp"))
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(loaded.teacher.state_dict()[k], v)
+    for k, v in module.student.state_dict().items():
+        assert torch.equal(loaded.student.state_dict()[k], v)
+
+
+def test_a_random_teacher_is_refused_and_missing_student_keys_fail(tmp_path):
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    path = fit_with_checkpoint(tmp_path, module)
+    with pytest.raises(RuntimeError, match="not the one the checkpoint was trained with"):
+        DistillationModule.load_from_checkpoint(path, teacher=get_model("cnn1d"), student=get_model("mlp"))
+    loaded = DistillationModule.load_from_checkpoint(path, teacher=copy.deepcopy(module.teacher), student=get_model("mlp"))
+    assert torch.equal(loaded.student.classifier.weight, module.student.classifier.weight)
+
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["state_dict"]["student.classifier.weight"]
+    torch.save(checkpoint, tmp_path / "broken.ckpt")
+    with pytest.raises(RuntimeError, match="student.classifier.weight"):
+        DistillationModule.load_from_checkpoint(tmp_path / "broken.ckpt", teacher=copy.deepcopy(module.teacher), student=get_model("mlp"))
+
+
+def test_keep_teacher_in_checkpoint(tmp_path):
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), keep_teacher_in_checkpoint=True)
+    path = fit_with_checkpoint(tmp_path, module)
+    keys = torch.load(path, weights_only=True)["state_dict"]
+    assert any(k.startswith("teacher.") for k in keys)
+    loaded = DistillationModule.load_from_checkpoint(path, teacher=get_model("cnn1d"), student=get_model("mlp"))
+    assert torch.equal(loaded.teacher.classifier.weight, module.teacher.classifier.weight)
+
+
+class StopAt(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 == self.epoch:
+            trainer.should_stop = True
+
+
+def test_n_steps_equal_k_steps_plus_resume(tmp_path):
+    """Student weights and the annealed T/alpha sequence: 4 epochs straight == 2 epochs, crash, resume."""
+
+    def run(root, stop_at=None, resume=None):
+        L.seed_everything(7)
+        teacher = get_model("cnn1d", channels=8)
+        L.seed_everything(7)
+        module = Recorder(teacher, get_model("mlp"), lr_scheduler="cosine")
+        callbacks = [
+            DistillationAnnealing(temperature=Linear(8.0, 2.0), alpha=Cosine(0.9, 0.1)),
+            ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0),
+        ]
+        if stop_at:
+            callbacks.append(StopAt(stop_at))
+        train, val = loaders(unlabeled=64)
+        trainer(root, max_epochs=4, enable_checkpointing=True, callbacks=callbacks).fit(module, train, val, ckpt_path=resume)
+        return module
+
+    straight = run(tmp_path / "a")
+    first = run(tmp_path / "b", stop_at=2)
+    resumed = run(tmp_path / "c", resume=str(tmp_path / "b" / "last.ckpt"))
+    assert len(straight.steps) == 12 and len(first.steps) == 6
+    assert first.steps + resumed.steps == straight.steps
+    assert straight.steps[0] == (8.0, 0.9) and straight.steps[-1][0] == pytest.approx(8.0 - 6.0 * 11 / 12)
+    for k, v in straight.student.state_dict().items():
+        assert torch.equal(resumed.student.state_dict()[k], v), k
+
+
+# ------------------------------------------------------------------------- user projects
+class DictBatchKD(DistillationModule):
+    """A user project's batch format: {"signal": x, "digit": y}."""
+
+    def unpack_batch(self, batch):
+        return batch["signal"], batch["digit"]
+
+
+def test_overriding_unpack_batch_for_another_batch_format():
+    x, y = torch.randn(64, 40), torch.randint(0, 10, (64,))
+    samples = [{"signal": x[i], "digit": y[i]} for i in range(64)]
+    data = DataLoader(samples, batch_size=16)  # default collate: {"signal": (16, 40), "digit": (16,)}
+    module = DictBatchKD(get_model("cnn1d"), get_model("mlp"))
+    before = module.student.classifier.weight.clone()
+    trainer(max_epochs=1, limit_val_batches=0).fit(module, data)
+    assert not torch.equal(before, module.student.classifier.weight)
+
+
+def test_regression_with_mse_losses():
+    teacher, student = nn.Linear(40, 3), nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 3))
+    module = DistillationModule(teacher, student, hard_loss="mse", soft_loss="mse", alpha=0.5)
+    module.log = lambda *a, **k: None
+    x, y = torch.randn(6, 40), torch.randn(6, 3)
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s, t = student(x).double(), teacher(x).double()
+    expected = 0.5 * ((s - t) ** 2).mean() + 0.5 * ((s - y.double()) ** 2).mean()
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+
+
+# ------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"temperature": 0.0}, ValueError, r"Expected `temperature` to be > 0, but got 0.0"),
+        ({"temperature": -2}, ValueError, r"`temperature` to be > 0"),
+        ({"alpha": 1.5}, ValueError, r"Expected `alpha` to be in \[0, 1\], but got 1.5"),
+        ({"alpha": -0.1}, ValueError, r"`alpha` to be in \[0, 1\]"),
+        ({"hard_loss": "hinge"}, ValueError, r"Unknown `hard_loss` 'hinge'. Expected one of cross_entropy, mse"),
+        ({"soft_loss": "js"}, ValueError, r"Unknown `soft_loss` 'js'. Expected one of kl, mse"),
+        ({"lr_scheduler": "linear"}, ValueError, r"Unknown `lr_scheduler` 'linear'. Expected one of cosine"),
+    ],
+)
+def test_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs)
+
+
+def test_callback_cannot_set_a_bad_value():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    with pytest.raises(ValueError, match="`alpha` to be in"):
+        module.alpha = 2.0
+
+
+def test_teacher_and_student_with_different_classes():
+    module = DistillationModule(get_model("cnn1d", num_classes=100), get_model("mlp"))
+    train, val = loaders()
+    with pytest.raises(ValueError, match=r"same shape, but got student \(\d+, 10\) and teacher \(\d+, 100\)"):
+        trainer(max_epochs=1).fit(module, train, val)
+
+
+def test_targets_that_do_not_fit_the_outputs():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    train, _ = loaders(classes=100)
+    with pytest.raises(ValueError, match=r"class targets in \[0, 10\)"):
+        trainer(max_epochs=1, limit_val_batches=0).fit(module, train)
+
+
+def test_unsupported_batch_format_says_how_to_fix():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    with pytest.raises(TypeError, match="override `unpack_batch"):
+        module.unpack_batch((torch.randn(2, 40), torch.zeros(2), torch.zeros(2)))
