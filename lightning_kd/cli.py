@@ -33,7 +33,8 @@ def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"Unknown stage(s) {unknown} in `task.stages`. Expected any of: {', '.join(STAGES)}.")
-    if "teacher" not in stages and any(s != "student_scratch" for s in stages) and not cfg.teacher.get("checkpoint"):
+    distils_without_teacher_stage = "teacher" not in stages and any(s != "student_scratch" for s in stages)
+    if (cfg.task.get("requires_teacher_checkpoint") or distils_without_teacher_stage) and not cfg.teacher.get("checkpoint"):
         raise ValueError(
             f"`task={cfg.task.name}` distils from a saved teacher: set `teacher.checkpoint=PATH` (e.g. the "
             "`teacher/checkpoints/last.ckpt` of a `lightning-kd task=teacher` run), or use `task=pipeline`."
@@ -142,7 +143,9 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     logger: Any = False
     if cfg.get("logger"):
         logger = hydra.utils.instantiate(cfg.logger, name=stage)
-    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger)
+    # The callbacks group chooses the progress bar: without one (callbacks=quiet) Lightning must not add its own.
+    no_bar = {} if any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
+    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, **no_bar)
 
 
 @rank_zero_only
@@ -180,7 +183,7 @@ def _print_table(entries: dict[str, dict[str, Any]]) -> None:
 
     table = Table(title="lightning-kd: teacher vs student (test set)")
     for title in ("model", *(title for _, title, _ in report.COLUMNS)):
-        table.add_column(title, justify="left" if title == "model" else "right")
+        table.add_column(title, justify="left" if title == "model" else "right", no_wrap=title == "model")
     for name in report.ordered(entries):
         row = entries[name]
         table.add_row(name, *(report._cell(key, row.get(key), fmt) for key, _, fmt in report.COLUMNS))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from functools import partial
@@ -18,6 +17,7 @@ from lightning_kd import batch as batch_utils
 from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
 from lightning_kd.losses._reduction import check_pair
 from lightning_kd.losses.hard import HardLoss
+from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
 from lightning_kd.weights import load_weights
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -149,13 +149,13 @@ class DistillationModule(L.LightningModule):
         self._teacher_acc_logged = False
         self._targets_checked = False
         self._eval_mode_filter: tuple | None = None
-        self.register_state_dict_post_hook(_drop_teacher_keys)
-        self.register_load_state_dict_post_hook(_allow_missing_teacher_keys)
+        self.register_state_dict_post_hook(drop_teacher_keys)
+        self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
 
         names = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in names}
-        )
+        keys = [f"{stage}_{name}" for stage in ("val", "test") for name in names]
+        keys += [f"train_{name}" for name in ("loss_epoch", "soft_loss_epoch", "hard_loss_epoch", "acc", "agreement", "mse")]
+        self.metrics = nn.ModuleDict({key: MeanMetric() for key in keys})
 
     # ------------------------------------------------------------------ settings the callback anneals
     @property
@@ -224,7 +224,12 @@ class DistillationModule(L.LightningModule):
         losses = self.distillation_loss(student_out, teacher_out, targets)
         n = batch_utils.batch_size(inputs)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
-            self.log(f"train/{name}", losses[key], on_step=True, on_epoch=True, prog_bar=name == "loss", batch_size=n, sync_dist=True)
+            value = losses[key].detach()
+            # Per step: this rank's value, no collective. Per epoch: a torchmetrics mean, reduced across
+            # ranks in `on_train_epoch_end` (a `sync_dist` epoch value read by the progress bar at another
+            # point on each rank deadlocks DDP).
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=n)
+            self.metrics[f"train_{name}_epoch"].update(value, weight=n)
         self._update_metrics("train", student_out, teacher_out, targets)
         return losses["loss"]
 
@@ -415,28 +420,3 @@ def _logits(output: Any) -> Tensor:
         f"Expected the model to return logits (a tensor, `.logits`, or a tuple starting with them), but got "
         f"{type(output).__name__}. Override `teacher_forward` / `student_forward` to extract them."
     )
-
-
-def fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _drop_teacher_keys(module: DistillationModule, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """State-dict post-hook: checkpoints hold no teacher weights (works when the module is wrapped)."""
-    if module.keep_teacher_in_checkpoint:
-        return
-    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
-        del state_dict[key]
-
-
-def _allow_missing_teacher_keys(module: DistillationModule, incompatible_keys: Any) -> None:
-    """Load post-hook: missing ``teacher.*`` keys are expected (the teacher comes from its own source and
-    its fingerprint is checked in ``on_load_checkpoint``); a missing student key still fails loudly."""
-    missing = incompatible_keys.missing_keys
-    for key in [k for k in missing if k.startswith("teacher.")]:
-        missing.remove(key)

@@ -32,7 +32,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 30, warmup: int = 3) -> float:
+def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup: int = 10) -> float:
     """Mean wall-clock milliseconds of one forward pass of ``model`` on ``example``, on the CPU, in eval mode.
 
     The model is deep-copied so that the trained module's device and mode stay untouched.

@@ -178,7 +178,7 @@ def test_logged_metrics(tmp_path):
     t = trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1)
     t.fit(module, train, val)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
-    for name in ("train/loss_step", "train/soft_loss_step", "train/hard_loss_step", "train/acc", "train/agreement",
+    for name in ("train/loss", "train/soft_loss", "train/hard_loss", "train/loss_epoch", "train/acc", "train/agreement",
                  "val/acc", "val/kl", "val/agreement", "val/teacher_acc", "val/loss"):
         assert name in header, name
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]

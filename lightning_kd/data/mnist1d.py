@@ -20,6 +20,8 @@ from mnist1d.utils import ObjectView
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
+from lightning_kd.data.samplers import EpochShuffleSampler
+
 # Bump when the layout of the cached files changes, so that old caches are not read back.
 _CACHE_VERSION = 1
 _NUM_TRAIN = 4000  # 5,000 samples x train_split 0.8 in the published default
@@ -137,6 +139,9 @@ class MNIST1DDataModule(L.LightningDataModule):
         seed: Generation seed of the labeled data (42 is the published dataset).
         transfer_seed: Generation seed of the transfer set; must differ from ``seed``.
         split_seed: Seed of the train/validation split.
+        shuffle_seed: Seed of the training order (a function of this seed and the epoch, so that a
+            resumed run sees the same batches). Default: ``torch.initial_seed()`` when the loader is
+            built, i.e. the run's ``seed_everything`` seed.
         num_workers: DataLoader workers.
 
     Raises:
@@ -172,6 +177,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         seed: int = 42,
         transfer_seed: int = 1234,
         split_seed: int = 0,
+        shuffle_seed: int | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -186,6 +192,8 @@ class MNIST1DDataModule(L.LightningDataModule):
         for name, value in (("seed", seed), ("transfer_seed", transfer_seed), ("split_seed", split_seed)):
             _check_int(name, value, minimum=0, maximum=_MAX_SEED)
         _check_int("num_workers", num_workers, minimum=0)
+        if shuffle_seed is not None:
+            _check_int("shuffle_seed", shuffle_seed, minimum=0)
         if transfer_samples > 0 and transfer_seed == seed:
             # The generator draws samples class by class from the seed, so the same seed would
             # reproduce the labeled samples (test set included) instead of new ones.
@@ -204,6 +212,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.seed = seed
         self.transfer_seed = transfer_seed
         self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
         self.num_workers = num_workers
 
         self.train_dataset: TensorDataset | None = None
@@ -287,10 +296,12 @@ class MNIST1DDataModule(L.LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, batch_size: int, *, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("The datasets are not loaded yet: call `setup()` first (the Trainer does).")
+        # The shuffling order is a function of (seed, epoch) so that a resumed run replays it exactly.
+        seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), seed) if shuffle else None,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,405 @@
+"""End to end: ``train(cfg)`` in-process, and the ``lightning-kd`` console script in subprocesses.
+
+All runs use ``experiment=smoke`` (2 teacher / 2 student / 1 transfer epochs). They run with one
+torch thread (``OMP_NUM_THREADS=1``): on a shared 2-core machine torch's default two intra-op
+threads spin against the other processes and make these tiny networks ~30x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_kd import cli
+
+ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "latency_ms"}
+TEACHER_PARAMS, STUDENT_PARAMS = 25_258, 15_210  # cnn1d; mlp 40 -> 100 -> 100 -> 10
+TINY_STUDENT_PARAMS = 40 * 32 + 32 + 32 * 10 + 10  # mlp 40 -> 32 -> 10
+SMOKE = ("experiment=smoke", "callbacks=quiet")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_restored_globals():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)  # Trainer(deterministic=True) sets it process-wide
+
+
+def make_cfg(run_dir: Path, *overrides: str) -> DictConfig:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="lightning_kd.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=[f"run_dir={run_dir}", *SMOKE, *overrides], return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def read_report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def accuracies(entries: dict) -> dict[str, float]:
+    return {name: entry["test_acc"] for name, entry in entries.items()}
+
+
+def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
+    env = {
+        **os.environ,
+        "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()),  # set by conftest.py
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        print(out[-6000:])
+        raise
+    if proc.returncode != 0:
+        print(out[-6000:])
+    assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}:\n{out[-3000:]}"
+    return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def lightning_kd(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
+    assert script is not None, "the `lightning-kd` console script is not installed next to this Python"
+    return run_command([script, *args], cwd, timeout=timeout)
+
+
+class Crash(L.Callback):
+    """Simulates a crash (OOM, pre-emption) when the second epoch starts, after epoch 0 was checkpointed."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+class FitSpy(L.Callback):
+    """Records where each fit starts: (stage dir, global_step at on_train_start)."""
+
+    def __init__(self, starts: list):
+        self.starts = starts
+
+    def on_train_start(self, trainer, pl_module):
+        self.starts.append((Path(trainer.checkpoint_callback.dirpath).parent.name, trainer.global_step))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return install_spy(monkeypatch)
+
+
+def install_spy(monkeypatch) -> dict:
+    """Records the stages that build a module, the ``ckpt_path`` of every fit, and the step each fit starts at."""
+    record = {"built": [], "ckpt_path": {}, "start_step": [], "extra_callbacks": []}
+    build_module, build_trainer, fit = cli.build_module, cli.build_trainer, L.Trainer.fit
+
+    def spy_build_module(cfg, stage, teacher_checkpoint):
+        record["built"].append(stage)
+        return build_module(cfg, stage, teacher_checkpoint)
+
+    def spy_build_trainer(cfg, stage, stage_dir, **kwargs):
+        trainer = build_trainer(cfg, stage, stage_dir, **kwargs)
+        trainer.callbacks.extend([FitSpy(record["start_step"]), *record["extra_callbacks"]])
+        return trainer
+
+    def spy_fit(self, *args, **kwargs):
+        record["ckpt_path"][Path(self.checkpoint_callback.dirpath).parent.name] = kwargs.get("ckpt_path")
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "build_module", spy_build_module)
+    monkeypatch.setattr(cli, "build_trainer", spy_build_trainer)
+    monkeypatch.setattr(L.Trainer, "fit", spy_fit)
+    return record
+
+
+# ---------------------------------------------------------------------- in-process: the whole pipeline
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    cfg = make_cfg(run_dir)
+    return cfg, run_dir, cli.train(cfg)
+
+
+@pytest.fixture(scope="module")
+def smoke_run_again(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke_again")
+    return run_dir, cli.train(make_cfg(run_dir))
+
+
+@pytest.mark.slow
+def test_pipeline_report(smoke_run):
+    _, run_dir, entries = smoke_run
+    report = read_report(run_dir)
+    assert list(report["entries"]) == list(cli.STAGES) == list(entries)
+    for name, entry in report["entries"].items():
+        assert ENTRY_KEYS <= set(entry), name
+        assert 0.0 <= entry["test_acc"] <= 1.0
+        assert entry["weights_bytes"] > 0 and entry["latency_ms"] > 0
+        assert entry["weights_bytes"] == (run_dir / name / "model.pt").stat().st_size
+    assert report["entries"]["teacher"]["params"] == TEACHER_PARAMS
+    assert all(report["entries"][s]["params"] == STUDENT_PARAMS for s in cli.STUDENT_STAGES)
+    assert [report["entries"][s]["epochs"] for s in cli.STAGES] == [2, 2, 2, 1]  # experiment=smoke
+    assert report["meta"]["precision"] == "32-true" and report["meta"]["seed"] == 42
+
+    md = (run_dir / "report.md").read_text()
+    assert "| model |" in md and "|---|" in md
+    assert all(f"| {name} |" in md for name in cli.STAGES)
+    assert (run_dir / "report.png").stat().st_size > 0
+    for stage in cli.STAGES:
+        assert (run_dir / stage / "metrics.csv").is_file()  # logger=csv: one directory per stage
+        assert json.loads((run_dir / stage / "result.json").read_text())["entry"] == entries[stage]
+
+
+@pytest.mark.slow
+def test_checkpoints_are_safe_and_hold_no_teacher(smoke_run):
+    _, run_dir, _ = smoke_run
+    for stage in cli.STAGES:
+        checkpoint = torch.load(run_dir / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        keys = list(checkpoint["state_dict"])
+        assert keys and all(k.startswith(("student.", "metrics.")) for k in keys), stage
+        assert not any(k.startswith("teacher.") for k in keys), stage
+        weights = torch.load(run_dir / stage / "model.pt", weights_only=True)
+        assert set(weights) == {k[len("student."):] for k in keys if k.startswith("student.")}
+
+
+@pytest.mark.slow
+def test_same_seed_same_results(smoke_run, smoke_run_again):
+    _, run_dir, entries = smoke_run
+    run_dir_2, entries_2 = smoke_run_again
+    assert accuracies(entries_2) == accuracies(entries)
+    for stage in cli.STAGES:
+        a = torch.load(run_dir / stage / "model.pt", weights_only=True)
+        b = torch.load(run_dir_2 / stage / "model.pt", weights_only=True)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_stages_and_resumes_the_unfinished_one(smoke_run, tmp_path, spy):
+    """A crash after the distilled stage's last epoch (before its export): the re-run skips what is done."""
+    _, run_dir, entries = smoke_run
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "student_distilled" / "result.json").unlink()  # its last.ckpt stays
+    shutil.rmtree(tmp_path / "student_distilled_transfer")  # never started
+    (tmp_path / "report.json").unlink()
+
+    resumed = cli.train(make_cfg(tmp_path))
+
+    assert spy["built"] == ["student_distilled", "student_distilled_transfer"]  # teacher and scratch reused
+    last = tmp_path / "student_distilled" / "checkpoints" / "last.ckpt"
+    assert spy["ckpt_path"] == {"student_distilled": str(last), "student_distilled_transfer": None}
+    assert resumed["teacher"] == entries["teacher"] and resumed["student_scratch"] == entries["student_scratch"]
+    assert accuracies(resumed) == accuracies(entries)
+    assert list(read_report(tmp_path)["entries"]) == list(cli.STAGES)
+
+
+@pytest.fixture(scope="module")
+def crashed_and_resumed(tmp_path_factory):
+    """`task=scratch`: crash at the start of epoch 2 of 2, then re-run the same command in the same directory."""
+    run_dir = tmp_path_factory.mktemp("crash")
+    cfg = make_cfg(run_dir, "task=scratch")
+    with pytest.MonkeyPatch.context() as mp:
+        record = install_spy(mp)
+        record["extra_callbacks"].append(Crash())
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.train(cfg)
+        assert record["start_step"] == [("student_scratch", 0)]
+        checkpoint_after_crash = torch.load(run_dir / "student_scratch" / "checkpoints" / "last.ckpt", weights_only=True)
+    with pytest.MonkeyPatch.context() as mp:
+        record = install_spy(mp)
+        entries = cli.train(cfg)
+    return run_dir, checkpoint_after_crash, record, entries
+
+
+@pytest.mark.slow
+def test_crash_resumes_from_last_checkpoint(crashed_and_resumed):
+    run_dir, checkpoint_after_crash, record, entries = crashed_and_resumed
+    steps_per_epoch = 28  # 3,500 training samples at batch 128
+    assert (checkpoint_after_crash["epoch"], checkpoint_after_crash["global_step"]) == (0, steps_per_epoch)
+    assert record["ckpt_path"] == {"student_scratch": str(run_dir / "student_scratch" / "checkpoints" / "last.ckpt")}
+    assert record["start_step"] == [("student_scratch", steps_per_epoch)]  # epoch 1 only, not from scratch
+    assert torch.load(run_dir / "student_scratch" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2 * steps_per_epoch
+    assert list(entries) == ["student_scratch"]
+
+
+@pytest.mark.slow
+def test_crash_resume_gives_the_uninterrupted_result(crashed_and_resumed, smoke_run):
+    _, _, _, entries = crashed_and_resumed
+    assert entries["student_scratch"]["test_acc"] == smoke_run[2]["student_scratch"]["test_acc"]
+
+
+@pytest.mark.slow
+def test_distill_from_a_saved_teacher(smoke_run, tmp_path, spy):
+    _, run_dir, entries = smoke_run
+    teacher = run_dir / "teacher" / "checkpoints" / "last.ckpt"
+    result = cli.train(make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}"))
+
+    assert list(read_report(tmp_path)["entries"]) == ["teacher", "student_distilled"]
+    assert spy["ckpt_path"] == {"student_distilled": None}  # the given teacher is evaluated, not trained
+    assert result["teacher"]["epochs"] == 0
+    assert result["teacher"]["test_acc"] == entries["teacher"]["test_acc"]
+    assert result["teacher"]["params"] == TEACHER_PARAMS
+    # same seed, same teacher weights: the same student as the pipeline's distilled one
+    assert result["student_distilled"]["test_acc"] == entries["student_distilled"]["test_acc"]
+
+
+def test_distill_without_a_teacher_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`task=distill` distils from a saved teacher: set `teacher.checkpoint=PATH`"):
+        cli.train(make_cfg(tmp_path, "task=distill"))
+    assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_missing_teacher_checkpoint_file_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Teacher/model checkpoint not found"):
+        cli.train(make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={tmp_path / 'nope.ckpt'}"))
+
+
+# ---------------------------------------------------------------------- the console script
+
+
+@pytest.mark.slow
+def test_console_script_ddp_cpu(tmp_path):
+    """Two gloo processes; Lightning re-runs the command as rank 1 with Hydra's run dir."""
+    run_dir = tmp_path / "run"
+    lightning_kd("trainer=ddp_cpu", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    report = read_report(run_dir)
+    assert list(report["entries"]) == list(cli.STAGES)
+    assert all(ENTRY_KEYS <= set(entry) for entry in report["entries"].values())
+    assert [report["entries"][s]["params"] for s in cli.STAGES] == [TEACHER_PARAMS] + [STUDENT_PARAMS] * 3
+
+
+@pytest.mark.slow
+def test_console_script_ddp_cpu_with_the_progress_bar(tmp_path):
+    """`callbacks=default` (the rich progress bar on rank 0 only), one teacher epoch."""
+    run_dir = tmp_path / "run"
+    lightning_kd("trainer=ddp_cpu", "task=teacher", "teacher.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=60)
+    assert list(read_report(run_dir)["entries"]) == ["teacher"]
+
+
+@pytest.mark.slow
+def test_console_script_bf16_mixed(tmp_path):
+    run_dir = tmp_path / "run"
+    lightning_kd("precision=bf16-mixed", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    report = read_report(run_dir)
+    assert report["meta"]["precision"] == "bf16-mixed"
+    assert list(report["entries"]) == list(cli.STAGES)
+    assert all(0.0 <= entry["test_acc"] <= 1.0 for entry in report["entries"].values())
+
+
+@pytest.mark.slow
+def test_console_script_task_teacher_with_the_default_run_dir(tmp_path):
+    """The plain command, default callbacks (rich progress bar) and Hydra's default `outputs/<task>/<time>/`."""
+    lightning_kd("task=teacher", "teacher.epochs=1", cwd=tmp_path)
+    (run_dir,) = (tmp_path / "outputs" / "teacher").iterdir()
+    assert (run_dir / "teacher" / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert list(read_report(run_dir)["entries"]) == ["teacher"]
+
+
+# ---------------------------------------------------------------------- a user project reusing our configs
+
+USER_CONFIG = """\
+# A user project's primary config: lightning-kd's `config`, then this project's own choices.
+defaults:
+  - config                      # lightning-kd's primary config, found through hydra.searchpath below
+  - override student: mlp_tiny  # an option this project adds to lightning-kd's `student` group
+  - override task: scratch      # any lightning-kd group can be re-chosen here...
+  - override experiment: smoke
+  - _self_                      # ...and the values below win over all of the above
+
+hydra:
+  searchpath:
+    - pkg://lightning_kd.conf
+
+seed: 7
+callbacks:
+  progress: null
+"""
+USER_STUDENT = """\
+defaults:
+  - mlp                         # lightning-kd's student/mlp.yaml, with a narrower hidden layer
+model:
+  hidden: [32]
+"""
+USER_SCRIPT = """\
+import hydra
+
+from lightning_kd.cli import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="my_config")
+def main(cfg):
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.fixture
+def user_project(tmp_path):
+    project = tmp_path / "project"
+    (project / "conf" / "student").mkdir(parents=True)
+    (project / "conf" / "my_config.yaml").write_text(USER_CONFIG)
+    (project / "conf" / "student" / "mlp_tiny.yaml").write_text(USER_STUDENT)
+    (project / "my_train.py").write_text(USER_SCRIPT)
+    return project
+
+
+def _check_user_config(cfg: DictConfig) -> None:
+    assert list(cfg.student.model.hidden) == [32]
+    assert cfg.student.model.name == "mlp" and cfg.student.optimizer.lr == 0.003  # inherited from student/mlp
+    assert cfg.task.name == "scratch" and cfg.seed == 7 and cfg.student.epochs == 2
+
+
+def test_user_config_composes_through_the_searchpath(user_project):
+    from hydra import initialize_config_dir
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(user_project / "conf"), version_base="1.3"):
+            _check_user_config(compose(config_name="my_config"))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.slow
+def test_user_project_trains_with_our_configs(user_project, tmp_path):
+    run_dir = tmp_path / "run"
+    run_command([sys.executable, "my_train.py", f"hydra.run.dir={run_dir}"], user_project, timeout=180)
+    report = read_report(run_dir)
+    assert list(report["entries"]) == ["student_scratch"]
+    assert report["entries"]["student_scratch"]["params"] == TINY_STUDENT_PARAMS
+    assert report["meta"]["seed"] == 7
+
+
+@pytest.mark.slow
+def test_console_script_with_a_user_config_dir(user_project):
+    """`lightning-kd --config-dir DIR --config-name NAME` runs a user's primary config too (here: print it)."""
+    out = lightning_kd("--config-dir", str(user_project / "conf"), "--config-name", "my_config", "--cfg", "job", cwd=user_project).stdout
+    _check_user_config(OmegaConf.create(out[out.index("module:") :]))
