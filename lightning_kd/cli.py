@@ -65,8 +65,11 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
     module = build_module(cfg, stage, teacher_checkpoint)
     datamodule = build_datamodule(cfg, stage)
     recipe = cfg.teacher if stage == "teacher" else cfg.student
-    epochs = recipe.transfer_epochs if stage == "student_distilled_transfer" else recipe.epochs
-    trainer = build_trainer(cfg, stage, stage_dir, max_epochs=0 if given_teacher else epochs)
+    if given_teacher:
+        epochs = 0  # a given teacher is only evaluated
+    else:
+        epochs = recipe.transfer_epochs if stage == "student_distilled_transfer" else recipe.epochs
+    trainer = build_trainer(cfg, stage, stage_dir, max_epochs=epochs)
     last = stage_dir / "checkpoints" / "last.ckpt"
     if not given_teacher:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -77,7 +80,7 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
         "params": report.count_parameters(model),
         "weights_bytes": None,
         "latency_ms": None,
-        "epochs": 0 if given_teacher else int(epochs),
+        "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
         "teacher_test_acc": _float(metrics.get("test/teacher_acc")),
     }

@@ -116,18 +116,19 @@ def plot_report(entries: dict[str, dict[str, Any]], path: str | Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     bars = left.bar(range(len(names)), acc, color=["#4c72b0" if n == "teacher" else "#dd8452" for n in names])
     for bar, name in zip(bars, names):
-        left.annotate(f"{entries[name].get('params', 0) / 1e3:.1f}k params", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize=8)
+        label = f"{bar.get_height():.1f} %\n{entries[name].get('params', 0) / 1e3:.1f}k params"
+        left.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     left.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
     left.set_ylabel("test accuracy (%)")
-    left.set_ylim(0, 100)
+    left.set_ylim(0, 110)
     left.set_title("Accuracy")
     for name, a in zip(names, acc):
         latency = entries[name].get("latency_ms")
         if latency is not None:
             right.scatter(latency, a, s=40)
             right.annotate(name, (latency, a), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    right.set_xlabel("CPU latency per batch (ms)")
+    right.set_xscale("log")  # teachers are often 10-100x slower than their students
+    right.set_xlabel("CPU latency per batch (ms, log scale)")
     right.set_ylabel("test accuracy (%)")
     right.set_title("Accuracy vs latency")
     fig.tight_layout()
