@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -197,9 +198,16 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _quiet_lightning() -> None:
+    """Drop two messages that Lightning repeats for every stage and that say nothing about the run."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+
+
 def _entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path="pkg://lightning_kd.conf", config_name="config")
     def wrapped(cfg: DictConfig) -> None:
+        _quiet_lightning()
         fn(cfg)
 
     return wrapped

@@ -206,10 +206,7 @@ class DistillationModule(L.LightningModule):
             soft = kd_loss(student_out, teacher_out, self.temperature, scale_by_t2=self.scale_by_t2)
         else:
             soft = soft_mse_loss(student_out, teacher_out)
-        if self.alpha == 1.0:
-            loss = soft
-        else:
-            loss = self.alpha * soft + (1.0 - self.alpha) * hard
+        loss = self.alpha * soft + (1.0 - self.alpha) * hard
         return {"loss": loss, "soft": soft, "hard": hard}
 
     def forward(self, x: Any) -> Any:
