@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_kd import report
 from lightning_kd.module import DistillationModule
+from lightning_kd.weights import load_weights
 
 log = logging.getLogger("lightning_kd")
 
@@ -80,6 +81,7 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
         "test_acc": _float(metrics.get("test/acc")),
         "params": report.count_parameters(model),
         "weights_bytes": None,
+        "checkpoint_bytes": None,
         "latency_ms": None,
         "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
@@ -94,8 +96,6 @@ def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) ->
     if stage == "teacher":
         model = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
         if teacher_checkpoint is not None:  # evaluate a given teacher: load it as the "student" being tested
-            from lightning_kd.weights import load_weights
-
             load_weights(model, teacher_checkpoint)
         return module_class(cfg)(None, model, **_recipe(cfg.teacher))
     student = hydra.utils.instantiate(cfg.student.model, _convert_="all")
@@ -160,6 +160,8 @@ def _finish_stage(cfg: DictConfig, stage_dir: Path, module: DistillationModule, 
     weights = stage_dir / "model.pt"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
     entry["weights_bytes"] = weights.stat().st_size
+    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
+    entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
     example, _ = module.unpack_batch(next(iter(datamodule.test_dataloader())))
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
     entry["latency_batch_size"] = int(example.shape[0]) if isinstance(example, torch.Tensor) else None

@@ -21,6 +21,16 @@ from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_key
 from lightning_kd.weights import load_weights
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+METRIC_NAMES = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
+
+# Epoch metrics are torchmetrics, computed (and reduced across ranks) by every rank at the same point
+# in the epoch-end hooks; they are then logged as plain tensors without `sync_dist`, which Lightning
+# flags under DDP. `sync_dist=True` would instead reduce lazily, whenever rank 0's progress bar asks:
+# a collective the other ranks never join, i.e. a deadlock. Silence exactly the flag on our names.
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'",
+)
 LR_SCHEDULERS = ("cosine",)
 
 
@@ -152,8 +162,7 @@ class DistillationModule(L.LightningModule):
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
 
-        names = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
-        keys = [f"{stage}_{name}" for stage in ("val", "test") for name in names]
+        keys = [f"{stage}_{name}" for stage in ("val", "test") for name in METRIC_NAMES]
         keys += [f"train_{name}" for name in ("loss_epoch", "soft_loss_epoch", "hard_loss_epoch", "acc", "agreement", "mse")]
         self.metrics = nn.ModuleDict({key: MeanMetric() for key in keys})
 

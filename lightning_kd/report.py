@@ -22,8 +22,9 @@ ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_disti
 COLUMNS = (
     ("test_acc", "test acc", "{:.2%}"),
     ("params", "params", "{:,}"),
-    ("weights_bytes", "weights (KiB)", None),
-    ("latency_ms", "CPU latency / batch (ms)", "{:.3f}"),
+    ("weights_bytes", "weights KiB", None),
+    ("checkpoint_bytes", "ckpt KiB", None),
+    ("latency_ms", "CPU ms/batch", "{:.3f}"),
 )
 
 
@@ -67,7 +68,7 @@ def ordered(entries: dict[str, Any]) -> list[str]:
 def _cell(key: str, value: Any, fmt: str | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    if key == "weights_bytes":
+    if key.endswith("_bytes"):
         return f"{value / 1024:,.1f}"
     return fmt.format(value)
 
@@ -94,7 +95,7 @@ def write_report(entries: dict[str, dict[str, Any]], run_dir: str | Path, *, met
         text += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in meta.items()), ""]
     text += [
         "Accuracy of the last epoch on the test set. Latency: mean wall-clock time of one forward pass "
-        "of one test batch on the CPU, eval mode, no autograd. Weights: the exported `model.pt` state dict.",
+        "of one test batch on the CPU, eval mode, no autograd. Weights: the exported `model.pt` state dict; checkpoint: the stage's `last.ckpt` (optimizer state included, teacher excluded).",
         "",
     ]
     md = run_dir / "report.md"

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_kd import cli
 
-ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "latency_ms"}
+ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "checkpoint_bytes", "latency_ms"}
 TEACHER_PARAMS, STUDENT_PARAMS = 25_258, 15_210  # cnn1d; mlp 40 -> 100 -> 100 -> 10
 TINY_STUDENT_PARAMS = 40 * 32 + 32 + 32 * 10 + 10  # mlp 40 -> 32 -> 10
 SMOKE = ("experiment=smoke", "callbacks=quiet")
@@ -160,6 +160,7 @@ def test_pipeline_report(smoke_run):
         assert 0.0 <= entry["test_acc"] <= 1.0
         assert entry["weights_bytes"] > 0 and entry["latency_ms"] > 0
         assert entry["weights_bytes"] == (run_dir / name / "model.pt").stat().st_size
+        assert entry["checkpoint_bytes"] == (run_dir / name / "checkpoints" / "last.ckpt").stat().st_size
     assert report["entries"]["teacher"]["params"] == TEACHER_PARAMS
     assert all(report["entries"][s]["params"] == STUDENT_PARAMS for s in cli.STUDENT_STAGES)
     assert [report["entries"][s]["epochs"] for s in cli.STAGES] == [2, 2, 2, 1]  # experiment=smoke
