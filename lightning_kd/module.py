@@ -158,7 +158,7 @@ class DistillationModule(L.LightningModule):
         self._teacher_fingerprint: str | None = None
         self._teacher_acc_logged = False
         self._targets_checked = False
-        self._eval_mode_filter: tuple | None = None
+        self._eval_mode_guard: warnings.catch_warnings | None = None
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
 
@@ -365,15 +365,15 @@ class DistillationModule(L.LightningModule):
         # Lightning warns about modules in eval mode at the start of training; the frozen teacher's
         # are expected. Silence exactly that count, so a student left in eval mode still warns.
         count = sum(1 for _ in self.teacher.modules())
-        self._eval_mode_filter = ("ignore", re.compile(rf"Found {count} module\(s\) in eval mode"), Warning, None, 0)
-        warnings.filters.insert(0, self._eval_mode_filter)
-        warnings._filters_mutated()  # type: ignore[attr-defined]
+        self._eval_mode_guard = warnings.catch_warnings()
+        self._eval_mode_guard.__enter__()  # left in `on_train_start`, right after Lightning's check
+        warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode")
 
     @override
     def on_train_start(self) -> None:
-        if self._eval_mode_filter in warnings.filters:
-            warnings.filters.remove(self._eval_mode_filter)
-            warnings._filters_mutated()  # type: ignore[attr-defined]
+        if self._eval_mode_guard is not None:
+            self._eval_mode_guard.__exit__(None, None, None)
+            self._eval_mode_guard = None
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
