@@ -117,6 +117,10 @@ class Schedule:
         self.warmup = _check_warmup(warmup)
         self.warmup_start = self.start if warmup_start is None else _check_real("warmup_start", warmup_start)
         self.total = _check_total(total)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Checks a subclass adds on its values (called at the end of ``__init__``)."""
 
     # -- evaluation ------------------------------------------------------------------------------
     def __call__(self, step: int, total: int | None = None) -> float:
@@ -309,16 +313,7 @@ class Exponential(Schedule):
         [8.0, 4.0, 2.0, 1.0]
     """
 
-    def __init__(
-        self,
-        start: float,
-        end: float,
-        *,
-        warmup: int | float = 0,
-        warmup_start: float | None = None,
-        total: int | None = None,
-    ) -> None:
-        super().__init__(start, end, warmup=warmup, warmup_start=warmup_start, total=total)
+    def _validate(self) -> None:
         for name, value in (("start", self.start), ("end", self.end)):
             if value <= 0:
                 raise ValueError(f"Expected `{name}` of Exponential to be > 0, but got {value}")
