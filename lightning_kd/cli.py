@@ -179,21 +179,8 @@ def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -
         "precision": cfg.trainer.get("precision"),
     }
     md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot))
-    _print_table(entries)
+    report.print_table(entries)
     log.info("Report written to %s", md)
-
-
-def _print_table(entries: dict[str, dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="lightning-kd: teacher vs student (test set)")
-    for title in ("model", *(title for _, title, _ in report.COLUMNS)):
-        table.add_column(title, justify="left" if title == "model" else "right", no_wrap=title == "model")
-    for name in report.ordered(entries):
-        row = entries[name]
-        table.add_row(name, *(report._cell(key, row.get(key), fmt) for key, _, fmt in report.COLUMNS))
-    Console().print(table)
 
 
 def _float(value: Any) -> float | None:

@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_kd import batch as batch_utils
 from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
-from lightning_kd.losses._reduction import check_pair
+from lightning_kd.losses._reduction import check_pair, check_temperature
 from lightning_kd.losses.hard import HardLoss
 from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
 from lightning_kd.weights import load_weights
@@ -173,8 +173,7 @@ class DistillationModule(L.LightningModule):
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        if not value > 0:
-            raise ValueError(f"Expected `temperature` to be > 0, but got {value}.")
+        check_temperature(value)
         self._temperature = float(value)
 
     @property
@@ -222,11 +221,15 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     # ------------------------------------------------------------------ steps
-    @override
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _forward(self, batch: Any) -> tuple[Any, Tensor | None, Tensor, Tensor | None]:
+        """``(inputs, targets, student_out, teacher_out)`` of a batch: one teacher forward per batch."""
         inputs, targets = self.unpack_batch(batch)
         teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
-        student_out = self.student_forward(inputs)
+        return inputs, targets, self.student_forward(inputs), teacher_out
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets, student_out, teacher_out = self._forward(batch)
         losses = self.distillation_loss(student_out, teacher_out, targets)
         n = batch_utils.batch_size(inputs)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
@@ -253,9 +256,7 @@ class DistillationModule(L.LightningModule):
         return self.student_forward(inputs)
 
     def _eval_step(self, stage: str, batch: Any) -> None:
-        inputs, targets = self.unpack_batch(batch)
-        teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
-        student_out = self.student_forward(inputs)
+        _, targets, student_out, teacher_out = self._forward(batch)
         if targets is not None:
             self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
         self._update_metrics(stage, student_out, teacher_out, targets)

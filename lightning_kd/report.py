@@ -73,15 +73,31 @@ def _cell(key: str, value: Any, fmt: str | None) -> str:
     return fmt.format(value)
 
 
+def table_rows(entries: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """Formatted cells, one row per entry in workflow order: name, then :data:`COLUMNS`."""
+    return [[name, *(_cell(key, entries[name].get(key), fmt) for key, _, fmt in COLUMNS)] for name in ordered(entries)]
+
+
 def markdown_table(entries: dict[str, dict[str, Any]]) -> str:
-    """One row per entry: test accuracy, parameters, weights file size, CPU latency per batch."""
+    """One row per entry: test accuracy, parameters, weights and checkpoint size, CPU latency per batch."""
     header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for name in ordered(entries):
-        row = entries[name]
-        cells = [_cell(key, row.get(key), fmt) for key, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries)]
     return "\n".join(lines)
+
+
+def print_table(entries: dict[str, dict[str, Any]]) -> None:
+    """The same table on the terminal, with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lightning-kd: teacher vs student (test set)")
+    table.add_column("model", justify="left", no_wrap=True)
+    for _, title, _ in COLUMNS:
+        table.add_column(title, justify="right")
+    for row in table_rows(entries):
+        table.add_row(*row)
+    Console().print(table)
 
 
 def write_report(entries: dict[str, dict[str, Any]], run_dir: str | Path, *, meta: dict[str, Any] | None = None, plot: bool = True) -> Path:
