@@ -13,9 +13,13 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from lightning_utilities.core.apply_func import apply_to_collection
+
 from lightning_kd import batch as batch_utils
-from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
-from lightning_kd.losses._reduction import check_pair, check_temperature
+from lightning_kd.data.augment import Augmentation
+from lightning_kd.data.soft_targets import CachedBatch, SoftTargetStore, open_store
+from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, TopKLogits, check_teacher, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
+from lightning_kd.losses._reduction import check_temperature
 from lightning_kd.losses.hard import HardLoss
 from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
 from lightning_kd.weights import load_weights
@@ -32,6 +36,7 @@ warnings.filterwarnings(
     message=r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'",
 )
 LR_SCHEDULERS = ("cosine",)
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DistillationModule(L.LightningModule):
@@ -78,6 +83,21 @@ class DistillationModule(L.LightningModule):
         teacher_checkpoint: where the teacher's weights come from (a checkpoint or state-dict file);
             recorded in the hyperparameters so that ``load_from_checkpoint`` can rebuild the teacher
             from it when the teacher architecture it is given does not carry the right weights.
+        soft_targets: a :class:`~lightning_kd.data.SoftTargetStore` (or its path) of the teacher's
+            outputs on the training set: training batches (wrapped by ``SoftTargetDataModule`` /
+            ``with_soft_targets``) take their teacher outputs from it instead of a forward pass,
+            so ``teacher`` may be None. Same loss, same metrics. A given teacher must be the one
+            that made the store; it then still serves the validation metrics.
+        augmentation: a replayable :class:`~lightning_kd.data.augment.Augmentation` of the training
+            inputs (teacher and student see the same view). Its parameters are a pure function of
+            ``(augmentation_seed, epoch, sample index)``, or replayed from ``soft_targets``.
+        augmentation_seed: seed of the augmentation draws.
+        teacher_dtype: run the teacher in this dtype (``"float32"``, ``"bfloat16"``, ``"float16"``)
+            whatever the Trainer's precision: its weights are cast once and its forward runs
+            outside autocast. None: as given (a teacher already in bfloat16 gets its inputs cast).
+        compile_student: ``student.compile()`` in place (checkpoint keys unchanged).
+        compile_teacher: ``teacher.compile()`` in place.
+        channels_last: convert conv nets and 4-D inputs to the channels-last memory format.
 
     Raises:
         ValueError: for ``temperature <= 0``, ``alpha`` outside [0, 1], an unknown loss or
@@ -108,6 +128,13 @@ class DistillationModule(L.LightningModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         keep_teacher_in_checkpoint: bool = False,
         teacher_checkpoint: str | None = None,
+        soft_targets: SoftTargetStore | str | None = None,
+        augmentation: Augmentation | None = None,
+        augmentation_seed: int = 0,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -123,6 +150,12 @@ class DistillationModule(L.LightningModule):
             )
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"Expected `lr_scheduler_interval` to be 'epoch' or 'step', but got {lr_scheduler_interval!r}.")
+        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"Unknown `teacher_dtype` {teacher_dtype!r}. Expected one of {', '.join(TEACHER_DTYPES)} or None.")
+        if augmentation is not None and not isinstance(augmentation, Augmentation):
+            raise TypeError(
+                f"Expected `augmentation` to be a lightning_kd.data.augment.Augmentation, but got {type(augmentation).__name__}."
+            )
         self.hard_loss_fn = get_hard_loss(hard_loss)
         self._builtin_hard = isinstance(hard_loss, str)
         self.temperature = temperature  # validated by the property setters below
@@ -145,8 +178,19 @@ class DistillationModule(L.LightningModule):
                 "lr_scheduler": lr_scheduler if isinstance(lr_scheduler, str) else None,
                 "keep_teacher_in_checkpoint": keep_teacher_in_checkpoint,
                 "teacher_checkpoint": self.teacher_checkpoint,
+                "soft_targets": None if soft_targets is None else str(getattr(soft_targets, "path", soft_targets)),
+                "augmentation": None if augmentation is None else repr(augmentation),
+                "augmentation_seed": augmentation_seed,
+                "teacher_dtype": teacher_dtype,
+                "compile_student": compile_student,
+                "compile_teacher": compile_teacher,
+                "channels_last": channels_last,
             }
         )
+        self.augmentation = augmentation
+        self.augmentation_seed = int(augmentation_seed)
+        self.teacher_dtype = teacher_dtype
+        self.channels_last = channels_last
 
         self.student = student
         self.teacher = teacher
@@ -155,6 +199,23 @@ class DistillationModule(L.LightningModule):
                 load_weights(teacher, teacher_checkpoint)
             teacher.requires_grad_(False)
             teacher.eval()
+            if teacher_dtype is not None:
+                teacher.to(TEACHER_DTYPES[teacher_dtype])
+        if channels_last:
+            for model in (student, teacher):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        if compile_student:
+            student.compile()  # in place: parameters and state-dict keys keep their names
+        if compile_teacher and teacher is not None:
+            teacher.compile()
+        self.soft_targets = None if soft_targets is None else open_store(soft_targets)
+        if self.soft_targets is not None:
+            if soft_loss == "mse" and self.soft_targets.top_k is not None:
+                raise ValueError("`soft_loss='mse'` needs full teacher outputs, but the soft-target store keeps only the top-k.")
+            self.soft_targets.check_augmentation(augmentation)
+            if teacher is not None:
+                self.soft_targets.check_teacher(fingerprint(teacher))
         self._teacher_fingerprint: str | None = None
         self._teacher_acc_logged = False
         self._targets_checked = False
@@ -196,9 +257,15 @@ class DistillationModule(L.LightningModule):
         return batch_utils.unpack(batch)
 
     def teacher_forward(self, inputs: Any) -> Tensor:
-        """The teacher's logits for ``inputs``, computed without autograd."""
+        """The teacher's logits for ``inputs``, computed without autograd, in the teacher's own dtype."""
+        dtype = _floating_dtype(self.teacher)
+        if dtype is not None:  # e.g. a bfloat16 teacher beside a float32 student under "32-true"
+            inputs = apply_to_collection(inputs, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
         with torch.no_grad():
-            return _logits(self.teacher(inputs))
+            if self.teacher_dtype is None:
+                return _logits(self.teacher(inputs))
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                return _logits(self.teacher(inputs))
 
     def student_forward(self, inputs: Any) -> Tensor:
         """The student's logits for ``inputs``."""
@@ -221,15 +288,43 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     # ------------------------------------------------------------------ steps
-    def _forward(self, batch: Any) -> tuple[Any, Tensor | None, Tensor, Tensor | None]:
-        """``(inputs, targets, student_out, teacher_out)`` of a batch: one teacher forward per batch."""
+    def _forward(self, batch: Any, *, training: bool = False) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
+        """``(inputs, targets, student_out, teacher_out)`` of a batch: one teacher forward per batch
+        (none when its outputs come from the soft-target store)."""
+        batch, cached = batch_utils.split_cached(batch)
         inputs, targets = self.unpack_batch(batch)
-        teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
+        if self.channels_last:
+            inputs = apply_to_collection(inputs, Tensor, _to_channels_last)
+        teacher_out = None
+        if training and self.soft_targets is not None:
+            if cached is None:
+                raise RuntimeError(
+                    "`soft_targets` is set, but the training batch carries no sample indices to look its targets up. "
+                    "Wrap the data: `trainer.fit(module, datamodule=SoftTargetDataModule(datamodule, store))` or "
+                    "`train_dataloaders=with_soft_targets(loader, store)`."
+                )
+            teacher_out = _concat([self.soft_targets.lookup(c.part, c.index, self.current_epoch) for c in cached])
+            teacher_out = teacher_out.to(self.device)
+        if training and self.augmentation is not None:
+            inputs = self._augment(inputs, cached)
+        if teacher_out is None and self.teacher is not None:
+            teacher_out = self.teacher_forward(inputs)
         return inputs, targets, self.student_forward(inputs), teacher_out
+
+    def _augment(self, inputs: Any, cached: list[CachedBatch] | None) -> Tensor:
+        if not isinstance(inputs, Tensor):
+            raise TypeError("`augmentation` applies to tensor inputs; override `unpack_batch` to return one.")
+        if self.soft_targets is not None:  # replay the views the teacher's outputs were recorded on
+            params = torch.cat([self.soft_targets.augmentation_params(c.part, c.index, self.current_epoch) for c in cached])
+        elif cached is not None:
+            params = self.augmentation.sample(self.augmentation_seed, self.current_epoch, torch.cat([c.index for c in cached]))
+        else:  # no sample indices: draws keyed by the step instead, still a pure function (resume-safe)
+            params = self.augmentation.sample(self.augmentation_seed, self.global_step, torch.arange(len(inputs)))
+        return self.augmentation.apply(inputs, params.to(inputs.device))
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, targets, student_out, teacher_out = self._forward(batch)
+        inputs, targets, student_out, teacher_out = self._forward(batch, training=True)
         losses = self.distillation_loss(student_out, teacher_out, targets)
         n = batch_utils.batch_size(inputs)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
@@ -269,14 +364,17 @@ class DistillationModule(L.LightningModule):
             return loss
         return self.hard_loss_fn(student_out, targets)
 
-    def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor | None) -> None:
+    def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> None:
         m = self.metrics
         s = student_out.detach().float()
-        t = None if teacher_out is None else teacher_out.detach().float()
+        t = teacher_out
+        if isinstance(t, Tensor):
+            t = t.detach().float()
         if t is not None:
-            check_pair(s, t)  # before any metric compares them (the sanity check runs validation first)
+            check_teacher(s, t)  # before any metric compares them (the sanity check runs validation first)
+        top1 = None if t is None else (t.top1() if isinstance(t, TopKLogits) else t.argmax(-1))
         if t is not None and self.soft_loss == "kl":
-            m[f"{stage}_agreement"].update((s.argmax(-1) == t.argmax(-1)).float().flatten())
+            m[f"{stage}_agreement"].update((s.argmax(-1) == top1).float().flatten())
             if stage != "train":
                 m[f"{stage}_kl"].update(kl_per_position(s, t, 1.0).flatten())
         if targets is None:
@@ -290,7 +388,7 @@ class DistillationModule(L.LightningModule):
         labeled = targets != IGNORE_INDEX
         m[f"{stage}_acc"].update((s.argmax(-1) == targets)[labeled].float())
         if t is not None and stage != "train":
-            m[f"{stage}_teacher_acc"].update((t.argmax(-1) == targets)[labeled].float())
+            m[f"{stage}_teacher_acc"].update((top1 == targets)[labeled].float())
 
     def _log_metrics(self, stage: str) -> None:
         for key, metric in self.metrics.items():
@@ -413,6 +511,24 @@ class DistillationModule(L.LightningModule):
             "trained teacher (e.g. `teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or "
             "save checkpoints with `keep_teacher_in_checkpoint=True`."
         )
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of a model's floating parameters, if they all share one."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _to_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def _concat(parts: list[Tensor | TopKLogits]) -> Tensor | TopKLogits:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], TopKLogits):
+        return TopKLogits(*(torch.cat(fields) for fields in zip(*parts)))
+    return torch.cat(parts)
 
 
 def _logits(output: Any) -> Tensor:

@@ -10,16 +10,32 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd.losses._reduction import check_pair, check_temperature, log_probs, masked_mean
+from lightning_kd.losses.topk import TopKLogits, check_topk_pair, collapse_student, topk_log_probs
+
+Teacher = Tensor | TopKLogits
 
 
-def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def check_teacher(student_logits: Tensor, teacher: Teacher) -> None:
+    """Shape checks for full (``(..., C)``) or top-k teacher targets."""
+    if isinstance(teacher, TopKLogits):
+        check_topk_pair(student_logits, teacher)
+    else:
+        check_pair(student_logits, teacher)
+
+
+def kl_per_position(student_logits: Tensor, teacher_logits: Teacher, temperature: float) -> Tensor:
     """``KL(softmax(t/T) ‖ softmax(s/T))`` summed over classes, one value per position (float32).
 
     Classes where the teacher's probability is exactly zero (masked ``-inf`` logits) contribute
-    zero instead of ``0 · (−inf) = NaN``.
+    zero instead of ``0 · (−inf) = NaN``. With :class:`TopKLogits` the sum runs over the ``k + 1``
+    buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail).
     """
     log_p_s = log_probs(student_logits, temperature)
-    log_p_t = log_probs(teacher_logits, temperature)
+    if isinstance(teacher_logits, TopKLogits):
+        log_p_t = topk_log_probs(teacher_logits, student_logits.shape[-1], temperature)
+        log_p_s = collapse_student(log_p_s, teacher_logits.indices)
+    else:
+        log_p_t = log_probs(teacher_logits, temperature)
     p_t = log_p_t.exp()
     kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
     return kl.sum(dim=-1)
@@ -27,7 +43,7 @@ def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature:
 
 def kd_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Teacher,
     temperature: float = 4.0,
     *,
     mask: Tensor | None = None,
@@ -49,7 +65,9 @@ def kd_loss(
 
     Shape:
         - student_logits: :math:`(N, C)` or :math:`(B, S, C)`.
-        - teacher_logits: same shape as ``student_logits``.
+        - teacher_logits: same shape as ``student_logits``, or a :class:`TopKLogits` of the same
+          leading shape (a top-k cache: the loss is then the KL over the teacher's top-k classes
+          plus one tail bucket, see :mod:`lightning_kd.losses.topk`).
         - mask: ``student_logits.shape[:-1]`` (bool, True = position counts), optional.
         - Output: scalar, float32.
 
@@ -71,7 +89,7 @@ def kd_loss(
         >>> round(kd_loss(s, t, temperature=1.0).item(), 4)
         1.1504
     """
-    check_pair(student_logits, teacher_logits)
+    check_teacher(student_logits, teacher_logits)
     check_temperature(temperature)
     loss = masked_mean(kl_per_position(student_logits, teacher_logits, temperature), mask, student_logits)
     return loss * (temperature**2) if scale_by_t2 else loss
