@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -166,5 +167,7 @@ def build_soft_targets(
     first_sample = indexed[0].collate_fn([(0, first_loader.dataset[0])]).batch
     writer = StoreWriter(path, spec)
     module = _TeacherPass(source, writer, first_sample, epochs, augmentation, augmentation_seed)
-    trainer.predict(module, dataloaders=indexed, return_predictions=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"predict returned None")  # on purpose: the outputs go to disk
+        trainer.predict(module, dataloaders=indexed, return_predictions=False)
     return SoftTargetStore(path)

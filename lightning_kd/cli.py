@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -20,37 +22,117 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_kd import report
+from lightning_kd.cache import build_soft_targets
+from lightning_kd.checkpoint import fingerprint
+from lightning_kd.data.soft_targets import SoftTargetDataModule, SoftTargetStore
 from lightning_kd.module import DistillationModule
 from lightning_kd.weights import load_weights
 
 log = logging.getLogger("lightning_kd")
 
 STUDENT_STAGES = ("student_scratch", "student_distilled", "student_distilled_transfer")
-STAGES = ("teacher", *STUDENT_STAGES)
+DISTILLED_STAGES = ("student_distilled", "student_distilled_transfer")
+MODEL_STAGES = ("teacher", *STUDENT_STAGES)  # the report's rows
+STAGES = ("teacher", "cache", *STUDENT_STAGES)
+TARGETS = ("online", "cached")
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Run every stage of ``cfg.task.stages`` and write the report; return its entries."""
-    stages = list(cfg.task.stages)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"Unknown stage(s) {unknown} in `task.stages`. Expected any of: {', '.join(STAGES)}.")
-    distils_without_teacher_stage = "teacher" not in stages and any(s != "student_scratch" for s in stages)
-    if (cfg.task.get("requires_teacher_checkpoint") or distils_without_teacher_stage) and not cfg.teacher.get("checkpoint"):
-        raise ValueError(
-            f"`task={cfg.task.name}` distils from a saved teacher: set `teacher.checkpoint=PATH` (e.g. the "
-            "`teacher/checkpoints/last.ckpt` of a `lightning-kd task=teacher` run), or use `task=pipeline`."
-        )
+    stages = _stages(cfg)
     run_dir = Path(cfg.run_dir)
     entries: dict[str, dict[str, Any]] = {}
     teacher_checkpoint = cfg.teacher.get("checkpoint")
     for stage in stages:
+        if stage == "cache":
+            build_cache(cfg, run_dir, teacher_checkpoint)
+            continue
         entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint)
         if stage == "teacher":
             teacher_checkpoint = checkpoint
         entries[stage] = entry
-    _write(cfg, run_dir, entries)
+    if entries:
+        _write(cfg, run_dir, entries)
     return entries
+
+
+def _stages(cfg: DictConfig) -> list[str]:
+    """The task's stages, checked; with cached targets, a ``cache`` stage before the first distilled one."""
+    stages = list(cfg.task.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"Unknown stage(s) {unknown} in `task.stages`. Expected any of: {', '.join(STAGES)}.")
+    targets = cfg.distill.get("targets", "online")
+    if targets not in TARGETS:
+        raise ValueError(f"Unknown `distill.targets` {targets!r}. Expected one of: {', '.join(TARGETS)}.")
+    distilled = [s for s in stages if s in DISTILLED_STAGES]
+    cached = targets == "cached" and bool(distilled)
+    store_exists = cached and (Path(cfg.cache.path) / "manifest.json").is_file()
+    if cached and "cache" not in stages and not store_exists:
+        stages.insert(stages.index(distilled[0]), "cache")  # build the store the distilled stages read
+    has_checkpoint = bool(cfg.teacher.get("checkpoint"))
+    requires_checkpoint = bool(cfg.task.get("requires_teacher_checkpoint"))
+    if "teacher" in stages and not has_checkpoint and not requires_checkpoint:
+        return stages  # the teacher is trained here first
+    needs_teacher = "cache" in stages or ((bool(distilled) or requires_checkpoint) and not store_exists)
+    if needs_teacher and not has_checkpoint:
+        raise ValueError(
+            f"`task={cfg.task.name}` needs a saved teacher: set `teacher.checkpoint=PATH` (e.g. the "
+            "`teacher/checkpoints/last.ckpt` of a `lightning-kd task=teacher` run), distil from an existing store "
+            "(`distill.targets=cached cache.path=DIR`), or use `task=pipeline`."
+        )
+    if not has_checkpoint and "teacher" in stages:
+        log.warning("No `teacher.checkpoint`: distilling from the store at %s alone; the report has no teacher row.", cfg.cache.path)
+        stages.remove("teacher")
+    return stages
+
+
+def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) -> SoftTargetStore:
+    """The ``cache`` stage: write the teacher's outputs on the training data (transfer set included) to ``cache.path``.
+
+    A finished store there is reused; a store whose build was interrupted is removed and rebuilt.
+    """
+    path = Path(cfg.cache.path)
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("complete"):
+            log.info("Soft-target store %s already built: reusing it.", path)
+            return _open_store(cfg, teacher_checkpoint)
+        if rank_zero_only.rank == 0:
+            log.warning("Soft-target store %s is incomplete (an interrupted build): rebuilding it.", path)
+            shutil.rmtree(path)
+    if teacher_checkpoint is None:
+        raise ValueError("The cache stage needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, "student_distilled", teacher_checkpoint, targets="online")
+    trainer = build_trainer(cfg, "cache", run_dir / "cache", max_epochs=0)
+    started = time.perf_counter()
+    store = build_soft_targets(
+        module,
+        hydra.utils.instantiate(cfg.data),
+        path,
+        dtype=cfg.cache.dtype,
+        top_k=cfg.cache.top_k,
+        epochs=int(cfg.cache.epochs),
+        batch_size=cfg.cache.batch_size,
+        trainer=trainer,
+        teacher_checkpoint=str(teacher_checkpoint),
+    )
+    log.info("Soft-target store %s built in %.1f s: %s", path, time.perf_counter() - started, store)
+    return store
+
+
+def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:
+    """Open ``cache.path``, and check it against the teacher checkpoint when there is one."""
+    store = SoftTargetStore(cfg.cache.path, verify=bool(cfg.cache.verify))
+    if teacher_checkpoint is not None:
+        # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
+        teacher = load_weights(hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), teacher_checkpoint)
+        if cfg.speed.get("teacher_dtype"):
+            teacher.to(getattr(torch, cfg.speed.teacher_dtype))
+        store.check_teacher(fingerprint(teacher))
+        del teacher
+    return store
 
 
 def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: str | None) -> tuple[dict[str, Any], str | None]:
@@ -64,8 +146,12 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
 
     L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
     given_teacher = stage == "teacher" and teacher_checkpoint is not None
-    module = build_module(cfg, stage, teacher_checkpoint)
+    cached = stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
+    store = _open_store(cfg, teacher_checkpoint) if cached else None
+    module = build_module(cfg, stage, teacher_checkpoint, store=store)
     datamodule = build_datamodule(cfg, stage)
+    if store is not None:
+        datamodule = SoftTargetDataModule(datamodule, store)
     recipe = cfg.teacher if stage == "teacher" else cfg.student
     if given_teacher:
         epochs = 0  # a given teacher is only evaluated
@@ -92,20 +178,39 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
     return entry, checkpoint
 
 
-def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> DistillationModule:
+def build_module(
+    cfg: DictConfig, stage: str, teacher_checkpoint: str | None, *, store: SoftTargetStore | None = None, targets: str | None = None
+) -> DistillationModule:
+    """The stage's module; a distilled stage with ``store`` takes its teacher outputs from it (no teacher built)."""
+    common = {"augmentation": _augmentation(cfg), "augmentation_seed": cfg.seed, "channels_last": cfg.speed.channels_last,
+              "compile_student": cfg.speed.compile_student}
     if stage == "teacher":
         model = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
         if teacher_checkpoint is not None:  # evaluate a given teacher: load it as the "student" being tested
             load_weights(model, teacher_checkpoint)
-        return module_class(cfg)(None, model, **_recipe(cfg.teacher))
+        return module_class(cfg)(None, model, **common, **_recipe(cfg.teacher))
     student = hydra.utils.instantiate(cfg.student.model, _convert_="all")
     if stage == "student_scratch":
-        return module_class(cfg)(None, student, hard_loss=cfg.distill.hard_loss, **_recipe(cfg.student))
+        return module_class(cfg)(None, student, hard_loss=cfg.distill.hard_loss, **common, **_recipe(cfg.student))
+    distill = OmegaConf.to_container(cfg.distill, resolve=True)
+    targets = targets or distill.pop("targets", "online")
+    distill.pop("targets", None)
+    if targets == "cached":
+        if store is None:
+            raise ValueError(f"Stage {stage} distils from cached targets but no store was opened (`cache.path`).")
+        return module_class(cfg)(None, student, soft_targets=store, **distill, **common, **_recipe(cfg.student))
     if teacher_checkpoint is None:
         raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
     teacher = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
-    distill = OmegaConf.to_container(cfg.distill, resolve=True)
-    return module_class(cfg)(teacher, student, teacher_checkpoint=str(teacher_checkpoint), **distill, **_recipe(cfg.student))
+    return module_class(cfg)(
+        teacher, student, teacher_checkpoint=str(teacher_checkpoint), teacher_dtype=cfg.speed.teacher_dtype,
+        compile_teacher=cfg.speed.compile_teacher, **distill, **common, **_recipe(cfg.student),
+    )
+
+
+def _augmentation(cfg: DictConfig) -> Any:
+    augment = cfg.get("augment")
+    return hydra.utils.instantiate(augment, _convert_="all") if augment and augment.get("_target_") else None
 
 
 def module_class(cfg: DictConfig) -> type[DistillationModule]:

@@ -115,9 +115,9 @@ def install_spy(monkeypatch) -> dict:
     record = {"built": [], "ckpt_path": {}, "start_step": [], "extra_callbacks": []}
     build_module, build_trainer, fit = cli.build_module, cli.build_trainer, L.Trainer.fit
 
-    def spy_build_module(cfg, stage, teacher_checkpoint):
+    def spy_build_module(cfg, stage, teacher_checkpoint, **kwargs):
         record["built"].append(stage)
-        return build_module(cfg, stage, teacher_checkpoint)
+        return build_module(cfg, stage, teacher_checkpoint, **kwargs)
 
     def spy_build_trainer(cfg, stage, stage_dir, **kwargs):
         trainer = build_trainer(cfg, stage, stage_dir, **kwargs)
@@ -154,7 +154,7 @@ def smoke_run_again(tmp_path_factory):
 def test_pipeline_report(smoke_run):
     _, run_dir, entries = smoke_run
     report = read_report(run_dir)
-    assert list(report["entries"]) == list(cli.STAGES) == list(entries)
+    assert list(report["entries"]) == list(cli.MODEL_STAGES) == list(entries)
     for name, entry in report["entries"].items():
         assert ENTRY_KEYS <= set(entry), name
         assert 0.0 <= entry["test_acc"] <= 1.0
@@ -163,14 +163,14 @@ def test_pipeline_report(smoke_run):
         assert entry["checkpoint_bytes"] == (run_dir / name / "checkpoints" / "last.ckpt").stat().st_size
     assert report["entries"]["teacher"]["params"] == TEACHER_PARAMS
     assert all(report["entries"][s]["params"] == STUDENT_PARAMS for s in cli.STUDENT_STAGES)
-    assert [report["entries"][s]["epochs"] for s in cli.STAGES] == [2, 2, 2, 1]  # experiment=smoke
+    assert [report["entries"][s]["epochs"] for s in cli.MODEL_STAGES] == [2, 2, 2, 1]  # experiment=smoke
     assert report["meta"]["precision"] == "32-true" and report["meta"]["seed"] == 42
 
     md = (run_dir / "report.md").read_text()
     assert "| model |" in md and "|---|" in md
-    assert all(f"| {name} |" in md for name in cli.STAGES)
+    assert all(f"| {name} |" in md for name in cli.MODEL_STAGES)
     assert (run_dir / "report.png").stat().st_size > 0
-    for stage in cli.STAGES:
+    for stage in cli.MODEL_STAGES:
         assert (run_dir / stage / "metrics.csv").is_file()  # logger=csv: one directory per stage
         assert json.loads((run_dir / stage / "result.json").read_text())["entry"] == entries[stage]
 
@@ -178,7 +178,7 @@ def test_pipeline_report(smoke_run):
 @pytest.mark.slow
 def test_checkpoints_are_safe_and_hold_no_teacher(smoke_run):
     _, run_dir, _ = smoke_run
-    for stage in cli.STAGES:
+    for stage in cli.MODEL_STAGES:
         checkpoint = torch.load(run_dir / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         keys = list(checkpoint["state_dict"])
         assert keys and all(k.startswith(("student.", "metrics.")) for k in keys), stage
@@ -192,7 +192,7 @@ def test_same_seed_same_results(smoke_run, smoke_run_again):
     _, run_dir, entries = smoke_run
     run_dir_2, entries_2 = smoke_run_again
     assert accuracies(entries_2) == accuracies(entries)
-    for stage in cli.STAGES:
+    for stage in cli.MODEL_STAGES:
         a = torch.load(run_dir / stage / "model.pt", weights_only=True)
         b = torch.load(run_dir_2 / stage / "model.pt", weights_only=True)
         assert a.keys() == b.keys()
@@ -215,7 +215,7 @@ def test_rerun_reuses_finished_stages_and_resumes_the_unfinished_one(smoke_run, 
     assert spy["ckpt_path"] == {"student_distilled": str(last), "student_distilled_transfer": None}
     assert resumed["teacher"] == entries["teacher"] and resumed["student_scratch"] == entries["student_scratch"]
     assert accuracies(resumed) == accuracies(entries)
-    assert list(read_report(tmp_path)["entries"]) == list(cli.STAGES)
+    assert list(read_report(tmp_path)["entries"]) == list(cli.MODEL_STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +269,7 @@ def test_distill_from_a_saved_teacher(smoke_run, tmp_path, spy):
 
 
 def test_distill_without_a_teacher_checkpoint_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"`task=distill` distils from a saved teacher: set `teacher.checkpoint=PATH`"):
+    with pytest.raises(ValueError, match=r"`task=distill` needs a saved teacher: set `teacher.checkpoint=PATH`"):
         cli.train(make_cfg(tmp_path, "task=distill"))
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
@@ -288,9 +288,9 @@ def test_console_script_ddp_cpu(tmp_path):
     run_dir = tmp_path / "run"
     lightning_kd("trainer=ddp_cpu", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
     report = read_report(run_dir)
-    assert list(report["entries"]) == list(cli.STAGES)
+    assert list(report["entries"]) == list(cli.MODEL_STAGES)
     assert all(ENTRY_KEYS <= set(entry) for entry in report["entries"].values())
-    assert [report["entries"][s]["params"] for s in cli.STAGES] == [TEACHER_PARAMS] + [STUDENT_PARAMS] * 3
+    assert [report["entries"][s]["params"] for s in cli.MODEL_STAGES] == [TEACHER_PARAMS] + [STUDENT_PARAMS] * 3
 
 
 @pytest.mark.slow
@@ -307,7 +307,7 @@ def test_console_script_bf16_mixed(tmp_path):
     lightning_kd("precision=bf16-mixed", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     report = read_report(run_dir)
     assert report["meta"]["precision"] == "bf16-mixed"
-    assert list(report["entries"]) == list(cli.STAGES)
+    assert list(report["entries"]) == list(cli.MODEL_STAGES)
     assert all(0.0 <= entry["test_acc"] <= 1.0 for entry in report["entries"].values())
 
 

@@ -8,6 +8,7 @@ wheel); ``compose`` sets no ``HydraConfig``, so ``run_dir`` is overridden with `
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.resources
 from pathlib import Path
@@ -48,7 +49,7 @@ GROUPS = _discover()
 OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
 # Groups with a check of their own below; a new group fails test_every_group_is_checked until it gets one.
 CHECKED_GROUPS = {
-    "callbacks", "data", "distill", "experiment", "logger", "precision", "schedule", "student", "task", "teacher", "trainer"
+    "augment", "cache", "callbacks", "data", "distill", "experiment", "logger", "precision", "schedule", "student", "task", "teacher", "trainer"
 }
 
 
@@ -89,6 +90,8 @@ def _build_everything(cfg: DictConfig, tmp_path: Path) -> None:
     """What `cli.run_stage` builds for each of the task's stages (module, datamodule, trainer), without fitting."""
     given = cfg.teacher.checkpoint  # as in `cli.train`: the teacher stage only loads a given teacher
     for stage in cfg.task.stages:
+        if stage == "cache":  # built and run by _check_cache
+            continue
         module = cli.build_module(cfg, stage, given if stage == "teacher" else given or _teacher_checkpoint(cfg, tmp_path))
         assert isinstance(module, DistillationModule)
         assert isinstance(cli.build_datamodule(cfg, stage), L.LightningDataModule)
@@ -108,7 +111,7 @@ def test_every_group_is_checked():
 def test_default_config(compose_cfg, tmp_path):
     cfg = compose_cfg()
     assert cfg.run_dir == str(tmp_path)
-    assert list(cfg.task.stages) == list(cli.STAGES)
+    assert list(cfg.task.stages) == list(cli.MODEL_STAGES)
     assert cfg.trainer.precision == "32-true"  # the precision group lands inside `trainer`
     assert cli.module_class(cfg) is DistillationModule
     OmegaConf.resolve(cfg.teacher)  # no dangling interpolation in what the stages instantiate
@@ -133,7 +136,7 @@ def _check_task(cfg, option, tmp_path):
     assert cfg.task.name == option  # the run directory and error messages use it
     assert len(cfg.task.stages) > 0
     assert set(cfg.task.stages) <= set(cli.STAGES)
-    if "teacher" not in cfg.task.stages and set(cfg.task.stages) != {"student_scratch"}:
+    if "teacher" not in cfg.task.stages and set(cfg.task.stages) - {"student_scratch", "cache"}:
         pytest.fail(f"task={option} distils without a teacher stage")  # cli.train would require teacher.checkpoint
     if cfg.task.get("requires_teacher_checkpoint"):
         with pytest.raises(ValueError, match=r"set `teacher.checkpoint=PATH`"):
@@ -171,6 +174,31 @@ def _check_distill(cfg, option, tmp_path):
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in module.student.parameters()}
     assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def _check_cache(cfg, option, tmp_path):
+    """The cache stage writes a store where `cache.path` says, in the configured dtype, that opens and verifies."""
+    assert cfg.cache.path == str(tmp_path / "soft_targets")
+    cfg = copy.deepcopy(cfg)  # the rest of the test builds the default task from the original
+    with open_dict(cfg):
+        cfg.data.transfer_samples = 0
+        cfg.data.data_dir = str(tmp_path / "data")
+    store = cli.build_cache(cfg, tmp_path, _teacher_checkpoint(cfg, tmp_path))
+    assert (store.dtype, store.top_k, store.epochs) == (cfg.cache.dtype, cfg.cache.top_k, cfg.cache.epochs)
+    assert store.parts == ["train"] and store.manifest["parts"]["train"]["identity"]["length"] == 3500
+    assert store.lookup("train", torch.tensor([0, 1]), 0).shape == (2, 10)
+
+
+def _check_augment(cfg, option, tmp_path):
+    augmentation = cli._augmentation(cfg)
+    if option == "none":
+        assert augmentation is None
+        return
+    x = torch.randn(6, 40)
+    views = augmentation(x, 0, 0, torch.arange(6)), augmentation(x, 0, 1, torch.arange(6))
+    assert views[0].shape == x.shape and not torch.equal(views[0], x) and not torch.equal(views[0], views[1])
+    assert torch.equal(views[0], augmentation(x, 0, 0, torch.arange(6)))  # a pure function of (seed, epoch, index)
+    assert repr(cli.build_module(cfg, "student_scratch", None).augmentation) == repr(augmentation)
 
 
 def _check_schedule(cfg, option, tmp_path):
@@ -249,6 +277,8 @@ def _check_experiment(cfg, option, tmp_path):
 
 
 CHECKS = {
+    "augment": _check_augment,
+    "cache": _check_cache,
     "task": _check_task,
     "data": _check_data,
     "teacher": functools.partial(_check_model, "teacher"),

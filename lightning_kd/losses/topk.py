@@ -1,4 +1,4 @@
-"""Top-k teacher targets: the k largest logits, their classes, and the rest of the mass as one bucket.
+r"""Top-k teacher targets: the k largest logits, their classes, and the rest of the mass as one bucket.
 
 A cache of full logits costs ``C`` numbers per position, which for a language model (``C`` = the
 vocabulary) is the whole problem. :class:`TopKLogits` keeps ``k`` of them plus the log-sum-exp of
