@@ -144,10 +144,10 @@ def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: st
         log.info("Stage %s already finished in %s: reusing it.", stage, stage_dir)
         return result["entry"], result["checkpoint"]
 
+    cached = stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
+    store = _open_store(cfg, teacher_checkpoint) if cached else None  # builds a teacher to check it: before seeding
     L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
     given_teacher = stage == "teacher" and teacher_checkpoint is not None
-    cached = stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
-    store = _open_store(cfg, teacher_checkpoint) if cached else None
     module = build_module(cfg, stage, teacher_checkpoint, store=store)
     datamodule = build_datamodule(cfg, stage)
     if store is not None:

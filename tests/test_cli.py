@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -23,6 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_kd import cli
+from lightning_kd.data.soft_targets import SoftTargetStore
 
 ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "checkpoint_bytes", "latency_ms"}
 TEACHER_PARAMS, STUDENT_PARAMS = 25_258, 15_210  # cnn1d; mlp 40 -> 100 -> 100 -> 10
@@ -277,6 +279,89 @@ def test_distill_without_a_teacher_checkpoint_is_refused(tmp_path):
 def test_missing_teacher_checkpoint_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="Teacher/model checkpoint not found"):
         cli.train(make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={tmp_path / 'nope.ckpt'}"))
+
+
+# ---------------------------------------------------------------------- offline soft targets
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """The smoke pipeline distilling from a float32 store (built after the teacher stage)."""
+    run_dir = tmp_path_factory.mktemp("cached")
+    return run_dir, cli.train(make_cfg(run_dir, "distill.targets=cached", "cache.dtype=float32"))
+
+
+@pytest.mark.slow
+def test_pipeline_with_cached_targets_matches_online(cached_run, smoke_run):
+    run_dir, entries = cached_run
+    _, _, online = smoke_run
+    store = SoftTargetStore(run_dir / "soft_targets")
+    assert store.parts == ["labeled", "unlabeled"] and store.dtype == "float32"
+    assert store.manifest["teacher"]["checkpoint"] == str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
+    assert list(entries) == list(cli.MODEL_STAGES)  # the cache stage is no row of the report
+    assert entries["teacher"] == {**online["teacher"], "latency_ms": entries["teacher"]["latency_ms"]}
+    for stage in cli.DISTILLED_STAGES:  # same seed, same teacher outputs, same loss: the same student
+        assert entries[stage]["test_acc"] == online[stage]["test_acc"]
+        assert entries[stage]["agreement_with_teacher"] is None  # no teacher in memory, none to agree with
+
+
+@pytest.mark.slow
+def test_cache_then_distill_from_the_store_alone(cached_run, smoke_run, tmp_path):
+    run_dir, entries = cached_run
+    store = run_dir / "soft_targets"
+    result = cli.train(make_cfg(tmp_path, "task=distill", "distill.targets=cached", f"cache.path={store}"))
+    assert list(result) == ["student_distilled"]  # no teacher.checkpoint: no teacher row
+    assert result["student_distilled"]["test_acc"] == entries["student_distilled"]["test_acc"]
+    # with a teacher checkpoint it is checked against the store: another teacher is refused
+    _, online_dir, _ = smoke_run
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 1 for k, v in torch.load(online_dir / "teacher" / "model.pt").items()}, other)
+    with pytest.raises(RuntimeError, match="was made by another teacher"):
+        cli.train(make_cfg(tmp_path / "x", "task=distill", "distill.targets=cached", f"cache.path={store}", f"teacher.checkpoint={other}"))
+
+
+def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
+    _, run_dir, _ = smoke_run
+    teacher = str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
+    cfg = make_cfg(tmp_path, "task=cache", f"teacher.checkpoint={teacher}", "data.transfer_samples=0")
+    (tmp_path / "soft_targets" / "train").mkdir(parents=True)
+    (tmp_path / "soft_targets" / "manifest.json").write_text(json.dumps({"format": 1, "complete": False}))
+    assert cli.train(cfg) == {}  # no model trained: no report rows
+    store = SoftTargetStore(tmp_path / "soft_targets")
+    assert store.parts == ["train"] and store.teacher_fingerprint == store.manifest["teacher"]["fingerprint"]
+    mtime = (tmp_path / "soft_targets" / "manifest.json").stat().st_mtime_ns
+    cli.train(cfg)  # a finished store is reused, not rebuilt
+    assert (tmp_path / "soft_targets" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_unknown_targets_setting_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown `distill.targets` 'disk'. Expected one of: online, cached"):
+        cli.train(make_cfg(tmp_path, "distill.targets=disk"))
+
+
+@pytest.mark.slow
+def test_console_script_ddp_cpu_cache_build_and_read(smoke_run, tmp_path):
+    """Build the store on 2 gloo processes (each rank writes its own rows), then distil from it under DDP."""
+    _, run_dir, online = smoke_run
+    teacher = run_dir / "teacher" / "checkpoints" / "last.ckpt"
+    store_dir = tmp_path / "store"
+    lightning_kd("task=cache", "trainer=ddp_cpu", "cache.dtype=float32", f"teacher.checkpoint={teacher}", f"cache.path={store_dir}",
+                 *SMOKE, f"hydra.run.dir={tmp_path / 'cache_run'}", cwd=tmp_path, timeout=120)
+    ddp = SoftTargetStore(store_dir)
+    assert ddp.manifest["world_size"] == 2 and ddp.parts == ["labeled", "unlabeled"]
+    for part in ddp.parts:  # complete, no duplicates (the manifest is only sealed then), and the right rows
+        assert np.all(np.load(store_dir / part / "writes.npy") == 1)
+    cfg = make_cfg(tmp_path / "single", "task=cache", "cache.dtype=float32", f"teacher.checkpoint={teacher}")
+    single = cli.build_cache(cfg, tmp_path / "single", str(teacher))
+    for part in ddp.parts:
+        n = ddp.manifest["parts"][part]["identity"]["length"]
+        torch.testing.assert_close(ddp.lookup(part, torch.arange(n)), single.lookup(part, torch.arange(n)), rtol=1e-5, atol=1e-5)
+
+    lightning_kd("task=distill", "trainer=ddp_cpu", "distill.targets=cached", f"cache.path={store_dir}", f"teacher.checkpoint={teacher}",
+                 "task.stages=[teacher,student_distilled_transfer]", *SMOKE, f"hydra.run.dir={tmp_path / 'read'}", cwd=tmp_path, timeout=120)
+    report = read_report(tmp_path / "read")
+    assert list(report["entries"]) == ["teacher", "student_distilled_transfer"]
+    assert 0.1 < report["entries"]["student_distilled_transfer"]["test_acc"] <= 1.0
 
 
 # ---------------------------------------------------------------------- the console script
