@@ -425,3 +425,36 @@ def test_bf16_teacher_beside_a_float32_student_under_32_true(data):
     assert forced.teacher_forward(x).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"Unknown `teacher_dtype` 'fp8'. Expected one of float32, bfloat16, float16 or None"):
         DistillationModule(make_teacher(), make_student(), teacher_dtype="fp8")
+
+
+# ---------------------------------------------------------------------------------- speed options
+def test_teacher_runs_in_its_own_dtype_outside_the_trainers_autocast(data):
+    module = DistillationModule(make_teacher(), make_student(), teacher_dtype="float32")
+    x = data.tensors[0][:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.teacher_forward(x).dtype == torch.float32  # autocast is off for the teacher
+        assert DistillationModule(make_teacher(), make_student()).teacher_forward(x).dtype == torch.bfloat16  # as given: it follows autocast
+
+
+def test_channels_last_converts_conv_nets_and_inputs_without_changing_the_math():
+    torch.manual_seed(0)
+    conv = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))  # noqa: E731
+    teacher, student = conv().eval(), conv()
+    reference = DistillationModule(teacher, student)
+    fast = DistillationModule(*(m for m in (teacher, student)), channels_last=True)
+    assert fast.student[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fast.teacher_forward(x), reference.teacher_forward(x))
+
+
+@pytest.mark.slow
+def test_compile_in_place_keeps_checkpoint_keys_and_outputs(tmp_path, data):
+    plain = make_student()
+    keys = list(plain.state_dict())
+    module = DistillationModule(make_teacher(), make_student(), compile_student=True, compile_teacher=True)
+    assert list(module.student.state_dict()) == keys  # `.compile()` in place: no `_orig_mod.` prefix
+    trainer(max_steps=2).fit(module, train_dataloaders=loader(data))
+    x = data.tensors[0][:8]
+    eager = make_student()
+    eager.load_state_dict(module.student.state_dict())
+    torch.testing.assert_close(module.student(x), eager(x), rtol=1e-5, atol=1e-5)

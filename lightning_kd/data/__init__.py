@@ -1,5 +1,6 @@
-"""Datamodules that the distillation module is given."""
+"""Datamodules that the distillation module is given, replayable augmentations, and the soft-target store."""
 
 from lightning_kd.data.mnist1d import MNIST1DDataModule
+from lightning_kd.data.soft_targets import CachedBatch, SoftTargetDataModule, SoftTargetStore, with_soft_targets
 
-__all__ = ["MNIST1DDataModule"]
+__all__ = ["CachedBatch", "MNIST1DDataModule", "SoftTargetDataModule", "SoftTargetStore", "with_soft_targets"]
