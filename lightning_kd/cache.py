@@ -80,7 +80,7 @@ def build_soft_targets(
     data: L.LightningDataModule | Any,
     path: str | os.PathLike[str],
     *,
-    dtype: str = "float16",
+    dtype: str = "float32",
     top_k: int | None = None,
     epochs: int = 1,
     augmentation: Augmentation | None = None,
@@ -97,8 +97,9 @@ def build_soft_targets(
         data: a datamodule (its ``train_dataloader()``: one loader, or each loader of a
             ``CombinedLoader`` as its own part) or training DataLoader(s).
         path: the store directory; must not exist or be empty.
-        dtype: storage dtype of the logits: ``"float16"`` (half the space of float32, refused when a
-            logit overflows it), ``"bfloat16"`` or ``"float32"`` (exact).
+        dtype: storage dtype of the logits: ``"float32"`` (exact: distilling from the store gives the
+            same student as online KD), ``"float16"`` (half the space; refused when a logit
+            overflows it) or ``"bfloat16"`` (half the space, float32's range).
         top_k: keep only the k largest logits per position and the log-sum-exp of the rest (see
             :mod:`lightning_kd.losses.topk`); None keeps them all.
         epochs: augmented views to record per sample (``epochs`` > 1 needs ``augmentation``);

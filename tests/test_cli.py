@@ -320,6 +320,18 @@ def test_cache_then_distill_from_the_store_alone(cached_run, smoke_run, tmp_path
         cli.train(make_cfg(tmp_path / "x", "task=distill", "distill.targets=cached", f"cache.path={store}", f"teacher.checkpoint={other}"))
 
 
+@pytest.mark.slow
+def test_pipeline_with_replayed_augmented_views(tmp_path):
+    """`augment=shift_noise cache.epochs=2`: the store records 2 views per sample and the distilled stages replay them."""
+    entries = cli.train(make_cfg(tmp_path, "distill.targets=cached", "augment=shift_noise", "cache.epochs=2"))
+    store = SoftTargetStore(tmp_path / "soft_targets")
+    assert store.epochs == 2 and store.manifest["augmentation"].startswith("Compose([RandomShift(max_shift=3")
+    params = store.augmentation_params("labeled", torch.arange(3500), 0)
+    assert params.shape == (3500, 2) and not torch.equal(params, store.augmentation_params("labeled", torch.arange(3500), 1))
+    assert list(entries) == list(cli.MODEL_STAGES)
+    assert all(0.0 <= e["test_acc"] <= 1.0 for e in entries.values())
+
+
 def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
     teacher = str(run_dir / "teacher" / "checkpoints" / "last.ckpt")

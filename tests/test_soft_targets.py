@@ -458,3 +458,13 @@ def test_compile_in_place_keeps_checkpoint_keys_and_outputs(tmp_path, data):
     eager = make_student()
     eager.load_state_dict(module.student.state_dict())
     torch.testing.assert_close(module.student(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_store_pickles_as_its_path(tmp_path, data):
+    import pickle
+
+    store = build(tmp_path, data)
+    blob = pickle.dumps(store)
+    assert len(blob) < 500  # not the arrays
+    again = pickle.loads(blob)
+    assert torch.equal(again.lookup("train", torch.arange(5)), store.lookup("train", torch.arange(5)))

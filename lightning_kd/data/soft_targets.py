@@ -431,6 +431,13 @@ class SoftTargetStore:
                     raise RuntimeError(f"Soft-target store {self.path}: {part}/{name}.npy has shape {array.shape}, expected {meta['shape']}.")
                 self.arrays[part][name] = array
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (ddp_spawn, DataLoader workers) as its path: a memmap would pickle as a full in-memory copy.
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], verify=False)  # checked when first opened; sizes are checked again
+
     # -- what the manifest says
     @property
     def parts(self) -> list[str]:
