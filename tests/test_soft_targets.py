@@ -78,6 +78,13 @@ def test_round_trip_is_exact_in_the_stored_dtype(tmp_path, data, dtype):
     assert np.all(np.load(tmp_path / "st" / "train" / "writes.npy") == 1)  # every row once
 
 
+def test_the_build_runs_the_teacher_in_eval_mode_whatever_mode_it_is_given_in(tmp_path, data):
+    teacher = make_teacher().train()  # dropout and batch-statistics BatchNorm would change every output
+    store = build_soft_targets(teacher, loader(data), tmp_path / "st", trainer=trainer())
+    assert torch.equal(store.lookup("train", torch.arange(N)), sequential_outputs(make_teacher(), data.tensors[0]))
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
 def test_top_k_store_keeps_the_top_logits_and_the_tail(tmp_path, data):
     teacher = make_teacher()
     store = build_soft_targets(teacher, loader(data), tmp_path / "st", dtype="float32", top_k=3, trainer=trainer())
