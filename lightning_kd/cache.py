@@ -154,7 +154,7 @@ def build_soft_targets(
         {name: loader.dataset for name, loader in parts.items()},
         teacher_fingerprint=fingerprint(source.teacher),
         teacher_class=f"{type(source.teacher).__module__}.{type(source.teacher).__qualname__}",
-        teacher_checkpoint=None if teacher_checkpoint is None else str(teacher_checkpoint),
+        teacher_checkpoint=_where(teacher_checkpoint),
         output_shape=(),  # set from the first output
         dtype=dtype,
         top_k=top_k,
@@ -172,3 +172,10 @@ def build_soft_targets(
         warnings.filterwarnings("ignore", message=r"predict returned None")  # on purpose: the outputs go to disk
         trainer.predict(module, dataloaders=indexed, return_predictions=False)
     return SoftTargetStore(path)
+
+
+def _where(checkpoint: str | os.PathLike[str] | None) -> str | None:
+    """A checkpoint location for the manifest: absolute when it is a local file (the store may be read from elsewhere)."""
+    if checkpoint is None:
+        return None
+    return str(Path(checkpoint).resolve()) if Path(checkpoint).is_file() else str(checkpoint)
