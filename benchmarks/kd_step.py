@@ -39,12 +39,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import DistillationModule
 from lightning_kd.cache import build_soft_targets
-from lightning_kd.data.soft_targets import with_soft_targets
+from lightning_kd.data.indexed import with_soft_targets
 from lightning_kd.models import get_model
 
 T, ALPHA = 4.0, 0.9

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_kd.data.soft_targets import CachedBatch
+from lightning_kd.data.indexed import CachedBatch
 from lightning_kd.losses import IGNORE_INDEX
 
 _INPUT_KEYS = ("inputs", "input", "x", "images", "image", "input_ids")

@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.data.soft_targets import DTYPES, SoftTargetStore, StoreWriter, indexed_loader, loader_parts, store_spec
+from lightning_kd.data.indexed import indexed_loader, loader_parts
+from lightning_kd.data.soft_targets import DTYPES, SoftTargetStore, StoreWriter, store_spec
 from lightning_kd.module import DistillationModule
 
 

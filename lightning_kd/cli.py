@@ -19,12 +19,13 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_kd import report
 from lightning_kd.cache import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
-from lightning_kd.data.soft_targets import SoftTargetDataModule, SoftTargetStore
+from lightning_kd.data.indexed import SoftTargetDataModule
+from lightning_kd.data.soft_targets import SoftTargetStore
 from lightning_kd.module import DistillationModule
 from lightning_kd.weights import load_weights
 

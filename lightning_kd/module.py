@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from functools import partial
 from typing import Any, Callable, Literal, Mapping
@@ -17,7 +16,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_kd import batch as batch_utils
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.data.soft_targets import CachedBatch, SoftTargetStore, open_store
+from lightning_kd.data.indexed import CachedBatch
+from lightning_kd.data.soft_targets import SoftTargetStore, open_store
 from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, TopKLogits, check_teacher, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
 from lightning_kd.losses._reduction import check_temperature
 from lightning_kd.losses.hard import HardLoss

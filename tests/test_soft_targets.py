@@ -17,13 +17,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_kd import DistillationModule
 from lightning_kd.cache import build_soft_targets
 from lightning_kd.data.augment import RandomScale, RandomShift
-from lightning_kd.data.soft_targets import (
-    CachedBatch,
-    SoftTargetDataModule,
-    SoftTargetStore,
-    indexed_loader,
-    with_soft_targets,
-)
+from lightning_kd.data.indexed import CachedBatch, SoftTargetDataModule, indexed_loader, with_soft_targets
+from lightning_kd.data.soft_targets import SoftTargetStore
 from lightning_kd.losses import TopKLogits, kd_loss
 
 N, D, C, B = 96, 12, 7, 16
