@@ -68,7 +68,7 @@ def _stages(cfg: DictConfig) -> list[str]:
         raise ValueError(f"Unknown `distill.targets` {targets!r}. Expected one of: {', '.join(TARGETS)}.")
     distilled = [s for s in stages if s in DISTILLED_STAGES]
     cached = targets == "cached" and bool(distilled)
-    store_exists = cached and (Path(cfg.cache.path) / "manifest.json").is_file()
+    store_exists = cached and _store_complete(Path(cfg.cache.path))
     if cached and "cache" not in stages and not store_exists:
         stages.insert(stages.index(distilled[0]), "cache")  # build the store the distilled stages read
     has_checkpoint = bool(cfg.teacher.get("checkpoint"))
@@ -94,9 +94,8 @@ def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
     A finished store there is reused; a store whose build was interrupted is removed and rebuilt.
     """
     path = Path(cfg.cache.path)
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        if json.loads(manifest.read_text()).get("complete"):
+    if (path / "manifest.json").is_file():
+        if _store_complete(path):
             log.info("Soft-target store %s already built: reusing it.", path)
             return _open_store(cfg, teacher_checkpoint)
         if rank_zero_only.rank == 0:
@@ -121,6 +120,14 @@ def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
     )
     log.info("Soft-target store %s built in %.1f s: %s", path, time.perf_counter() - started, store)
     return store
+
+
+def _store_complete(path: Path) -> bool:
+    """Whether ``path`` holds a store whose build finished (an interrupted one is rebuilt by the cache stage)."""
+    try:
+        return bool(json.loads((path / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:

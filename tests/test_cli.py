@@ -346,6 +346,21 @@ def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
     assert (tmp_path / "soft_targets" / "manifest.json").stat().st_mtime_ns == mtime
 
 
+def test_a_pipeline_that_crashed_while_caching_rebuilds_the_store(cached_run, tmp_path, spy):
+    """A re-run in the same directory after a crash in the cache stage: finished stages reused, the store rebuilt."""
+    run_dir, entries = cached_run
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    for stage in cli.DISTILLED_STAGES:
+        shutil.rmtree(tmp_path / stage)
+    manifest = tmp_path / "soft_targets" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
+    (tmp_path / "report.json").unlink()
+    resumed = cli.train(make_cfg(tmp_path, "distill.targets=cached", "cache.dtype=float32"))
+    assert spy["built"] == ["student_distilled", "student_distilled", "student_distilled_transfer"]  # the cache stage builds one too
+    assert SoftTargetStore(tmp_path / "soft_targets").manifest["complete"]
+    assert accuracies(resumed) == accuracies(entries)
+
+
 def test_unknown_targets_setting_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown `distill.targets` 'disk'. Expected one of: online, cached"):
         cli.train(make_cfg(tmp_path, "distill.targets=disk"))
