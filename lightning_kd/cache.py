@@ -165,14 +165,14 @@ def build_soft_targets(
         world_size=trainer.world_size,
     )
     indexed = [indexed_loader(loader, name, sequential=True, batch_size=batch_size) for name, loader in parts.items()]
-    first_name, first_loader = next(iter(parts.items()))
+    first_loader = next(iter(parts.values()))
     first_sample = indexed[0].collate_fn([(0, first_loader.dataset[0])]).batch
     writer = StoreWriter(path, spec)
     module = _TeacherPass(source, writer, first_sample, epochs, augmentation, augmentation_seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"predict returned None")  # on purpose: the outputs go to disk
         trainer.predict(module, dataloaders=indexed, return_predictions=False)
-    return SoftTargetStore(path)
+    return SoftTargetStore(path, verify=False)  # `finish` has just hashed every file; sizes are still checked
 
 
 def _where(checkpoint: str | os.PathLike[str] | None) -> str | None:

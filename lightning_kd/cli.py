@@ -26,7 +26,7 @@ from lightning_kd.cache import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.indexed import SoftTargetDataModule
 from lightning_kd.data.soft_targets import SoftTargetStore
-from lightning_kd.module import DistillationModule
+from lightning_kd.module import DistillationModule, resolve_teacher_dtype
 from lightning_kd.weights import load_weights
 
 log = logging.getLogger("lightning_kd")
@@ -44,11 +44,14 @@ def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     run_dir = Path(cfg.run_dir)
     entries: dict[str, dict[str, Any]] = {}
     teacher_checkpoint = cfg.teacher.get("checkpoint")
+    store: SoftTargetStore | None = None  # opened (hashed, checked against the teacher) once for all stages
     for stage in stages:
         if stage == "cache":
-            build_cache(cfg, run_dir, teacher_checkpoint)
+            store = build_cache(cfg, run_dir, teacher_checkpoint)
             continue
-        entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint)
+        if store is None and _reads_store(cfg, stage) and not _result_file(run_dir, stage).is_file():
+            store = _open_store(cfg, teacher_checkpoint)  # builds a teacher to check it: before the stage seeds
+        entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint, store=store)
         if stage == "teacher":
             teacher_checkpoint = checkpoint
         entries[stage] = entry
@@ -122,6 +125,15 @@ def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
     return store
 
 
+def _reads_store(cfg: DictConfig, stage: str) -> bool:
+    return stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
+
+
+def _result_file(run_dir: Path, stage: str) -> Path:
+    """Written when a stage has finished; a re-run reuses the stage instead of training it again."""
+    return run_dir / stage / "result.json"
+
+
 def _store_complete(path: Path) -> bool:
     """Whether ``path`` holds a store whose build finished (an interrupted one is rebuilt by the cache stage)."""
     try:
@@ -137,23 +149,28 @@ def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetSt
         # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
         teacher = load_weights(hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), teacher_checkpoint)
         if cfg.speed.get("teacher_dtype"):
-            teacher.to(getattr(torch, cfg.speed.teacher_dtype))
+            teacher.to(resolve_teacher_dtype(cfg.speed.teacher_dtype))
         store.check_teacher(fingerprint(teacher))
         del teacher
     return store
 
 
-def run_stage(cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: str | None) -> tuple[dict[str, Any], str | None]:
-    """Train (or, for a given teacher checkpoint, only evaluate) one stage; finished stages are reused."""
+def run_stage(
+    cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: str | None, *, store: SoftTargetStore | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """Train (or, for a given teacher checkpoint, only evaluate) one stage; finished stages are reused.
+
+    A distilled stage with ``distill.targets=cached`` reads ``store`` (opened by :func:`train`).
+    """
     stage_dir = run_dir / stage
-    done = stage_dir / "result.json"
+    done = _result_file(run_dir, stage)
     if done.is_file():  # a re-run in the same directory resumes after the last finished stage
         result = json.loads(done.read_text())
         log.info("Stage %s already finished in %s: reusing it.", stage, stage_dir)
         return result["entry"], result["checkpoint"]
 
-    cached = stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
-    store = _open_store(cfg, teacher_checkpoint) if cached else None  # builds a teacher to check it: before seeding
+    if not _reads_store(cfg, stage):
+        store = None
     L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
     given_teacher = stage == "teacher" and teacher_checkpoint is not None
     module = build_module(cfg, stage, teacher_checkpoint, store=store)
@@ -201,9 +218,8 @@ def build_module(
     if stage == "student_scratch":
         return module_class(cfg)(None, student, hard_loss=cfg.distill.hard_loss, **common, **_recipe(cfg.student))
     distill = OmegaConf.to_container(cfg.distill, resolve=True)
-    targets = targets or distill.pop("targets", "online")
-    distill.pop("targets", None)
-    if targets == "cached":
+    configured = distill.pop("targets", "online")
+    if (targets or configured) == "cached":
         if store is None:
             raise ValueError(f"Stage {stage} distils from cached targets but no store was opened (`cache.path`).")
         return module_class(cfg)(None, student, soft_targets=store, **distill, **common, **_recipe(cfg.student))

@@ -150,8 +150,7 @@ class DistillationModule(L.LightningModule):
             )
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"Expected `lr_scheduler_interval` to be 'epoch' or 'step', but got {lr_scheduler_interval!r}.")
-        if teacher_dtype is not None and teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"Unknown `teacher_dtype` {teacher_dtype!r}. Expected one of {', '.join(TEACHER_DTYPES)} or None.")
+        dtype = None if teacher_dtype is None else resolve_teacher_dtype(teacher_dtype)
         if augmentation is not None and not isinstance(augmentation, Augmentation):
             raise TypeError(
                 f"Expected `augmentation` to be a lightning_kd.data.augment.Augmentation, but got {type(augmentation).__name__}."
@@ -199,8 +198,8 @@ class DistillationModule(L.LightningModule):
                 load_weights(teacher, teacher_checkpoint)
             teacher.requires_grad_(False)
             teacher.eval()
-            if teacher_dtype is not None:
-                teacher.to(TEACHER_DTYPES[teacher_dtype])
+            if dtype is not None:
+                teacher.to(dtype)
         if channels_last:
             for model in (student, teacher):
                 if model is not None:
@@ -511,6 +510,17 @@ class DistillationModule(L.LightningModule):
             "trained teacher (e.g. `teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or "
             "save checkpoints with `keep_teacher_in_checkpoint=True`."
         )
+
+
+def resolve_teacher_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``teacher_dtype`` setting.
+
+    Raises:
+        ValueError: for a name that is not one of ``TEACHER_DTYPES``.
+    """
+    if name not in TEACHER_DTYPES:
+        raise ValueError(f"Unknown `teacher_dtype` {name!r}. Expected one of {', '.join(TEACHER_DTYPES)} or None.")
+    return TEACHER_DTYPES[name]
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:

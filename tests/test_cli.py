@@ -332,6 +332,17 @@ def test_pipeline_with_replayed_augmented_views(tmp_path):
     assert all(0.0 <= e["test_acc"] <= 1.0 for e in entries.values())
 
 
+def test_the_store_is_opened_once_for_all_distilled_stages(cached_run, tmp_path, monkeypatch):
+    """Opening hashes every file and fingerprints the teacher: once per run, not once per stage."""
+    run_dir, entries = cached_run
+    opened = []
+    monkeypatch.setattr(cli, "_open_store", lambda *args, _open=cli._open_store: opened.append(args) or _open(*args))
+    result = cli.train(make_cfg(tmp_path, "task=distill", "distill.targets=cached", f"cache.path={run_dir / 'soft_targets'}",
+                                "task.stages=[student_distilled,student_distilled_transfer]"))
+    assert len(opened) == 1
+    assert accuracies(result) == {s: entries[s]["test_acc"] for s in cli.DISTILLED_STAGES}
+
+
 def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
     teacher = str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
