@@ -26,7 +26,8 @@ from lightning_kd.cache import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.indexed import SoftTargetDataModule
 from lightning_kd.data.soft_targets import SoftTargetStore
-from lightning_kd.module import DistillationModule, resolve_teacher_dtype
+from lightning_kd.module import DistillationModule
+from lightning_kd.teachers import resolve_dtype
 from lightning_kd.weights import load_weights
 
 log = logging.getLogger("lightning_kd")
@@ -149,7 +150,7 @@ def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetSt
         # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
         teacher = load_weights(hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), teacher_checkpoint)
         if cfg.speed.get("teacher_dtype"):
-            teacher.to(resolve_teacher_dtype(cfg.speed.teacher_dtype))
+            teacher.to(resolve_dtype(cfg.speed.teacher_dtype))
         store.check_teacher(fingerprint(teacher))
         del teacher
     return store

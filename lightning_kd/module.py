@@ -15,13 +15,25 @@ from typing_extensions import override
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_kd import batch as batch_utils
+from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
 from lightning_kd.data.augment import Augmentation
 from lightning_kd.data.indexed import CachedBatch
 from lightning_kd.data.soft_targets import SoftTargetStore, open_store
-from lightning_kd.losses import IGNORE_INDEX, SOFT_LOSSES, TopKLogits, check_teacher, get_hard_loss, kd_loss, kl_per_position, soft_mse_loss
+from lightning_kd.features import FeatureDistillation
+from lightning_kd.losses import (
+    IGNORE_INDEX,
+    NEEDS_TARGETS,
+    LearnableTemperature,
+    TopKLogits,
+    check_soft_loss,
+    check_teacher,
+    compute_soft_loss,
+    get_hard_loss,
+    kl_per_position,
+)
 from lightning_kd.losses._reduction import check_temperature
 from lightning_kd.losses.hard import HardLoss
-from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
+from lightning_kd.teachers import TeacherEnsemble, cast_inputs, extract_logits, resolve_dtype
 from lightning_kd.weights import load_weights
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -36,19 +48,24 @@ warnings.filterwarnings(
     message=r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'",
 )
 LR_SCHEDULERS = ("cosine",)
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Teachers = nn.Module | list[nn.Module] | dict[str, nn.Module]
 
 
 class DistillationModule(L.LightningModule):
-    r"""Distil a frozen ``teacher`` into a trainable ``student``.
+    r"""Distil a frozen ``teacher`` (or several) into a trainable ``student``.
 
     The training loss, with ``alpha`` weighting the **soft** (teacher) term:
 
     .. math::
-        \mathcal{L} = \alpha \, T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T)\big)
-            + (1 - \alpha) \, \mathcal{L}_{\text{hard}}(z_s, y)
+        \mathcal{L} = w \, \alpha \, T^2 \, \mathrm{KL}\big(\mathrm{softmax}(z_t/T) \,\|\, \mathrm{softmax}(z_s/T)\big)
+            + (1 - \alpha) \, \mathcal{L}_{\text{hard}}(z_s, y) + \sum_k \lambda_k \mathcal{L}_k(f_s, f_t)
 
-    (torchdistill uses the opposite convention for alpha.) The soft term covers every input, the
+    (torchdistill uses the opposite convention for alpha.) The KL term is ``soft_loss="kl"``; any
+    logit loss of :data:`lightning_kd.losses.SOFT_LOSSES` takes its place (DKD, DIST, reverse KL,
+    JSD, skew KL, MSE), with logit standardisation as an option of all of them and a learnable
+    temperature (CTKD) in place of ``T``. :math:`w` is ``soft_weight`` (1; warmed up by the
+    annealing callback for DKD). The last sum holds the feature terms (FitNet, AT, RKD) on hooked
+    layers, each with its weight :math:`\lambda_k`. The soft term covers every input, the
     hard term only labeled ones: a batch may mix labeled inputs with unlabeled ones (Hinton's
     transfer set), e.g. a ``CombinedLoader`` of a labeled and an unlabeled loader.
 
@@ -65,15 +82,37 @@ class DistillationModule(L.LightningModule):
     :meth:`student_forward`, :meth:`distillation_loss`.
 
     Args:
-        teacher: the trained teacher (frozen here), or None for plain supervised training.
+        teacher: the trained teacher (frozen here), or None for plain supervised training. A list or
+            dict of teachers becomes a :class:`~lightning_kd.teachers.TeacherEnsemble` whose logits are
+            the (weighted) mean of theirs; every hygiene rule holds for each of them.
         student: the model to train; ``forward(x)`` is the student.
-        temperature: softmax temperature :math:`T > 0` (the annealing callback may change it).
+        temperature: softmax temperature :math:`T > 0` (the annealing callback may change it); the
+            starting value of a learnable temperature.
         alpha: weight of the soft term in [0, 1] (the annealing callback may change it).
         hard_loss: ``"cross_entropy"``, ``"mse"`` (one-hot class targets or raw regression
             targets), or any callable ``(student_outputs, targets) -> loss``.
-        soft_loss: ``"kl"`` (Hinton's KD) or ``"mse"`` between student and teacher outputs (the
-            regression case, and the high-temperature limit of KD on logits).
-        scale_by_t2: multiply the KL term by :math:`T^2`.
+        soft_loss: the logit loss: ``"kl"`` (Hinton's KD), ``"mse"`` (the regression case, and the
+            high-temperature limit of KD), ``"dkd"``, ``"dist"``, ``"reverse_kl"``, ``"jsd"``,
+            ``"skew_kl"`` (see :mod:`lightning_kd.losses`). DKD needs a class per input: unlabeled
+            inputs (a transfer set) use the teacher's top-1 class.
+        soft_loss_options: keyword options of that loss, e.g. ``{"beta": 8.0}`` for DKD or
+            ``{"skew": 0.1}`` for skew KL.
+        standardize: z-score student and teacher logits before the temperature (logit
+            standardisation, Sun et al., CVPR 2024), for any soft loss.
+        scale_by_t2: multiply the soft term by :math:`T^2` (not for ``"mse"``).
+        soft_weight: extra factor :math:`w` on the soft term, for a warm-up by the annealing callback
+            (DKD's first 20 epochs).
+        learnable_temperature: CTKD (Li et al., AAAI 2023): ``True`` or ``{"t_min": 1, "t_range": 20}``
+            makes :math:`T` a parameter trained through gradient reversal (starting at ``temperature``),
+            logged as ``train/temperature``; anneal ``grl_weight`` (0 -> 1) with the callback.
+        grl_weight: the gradient-reversal weight :math:`\lambda` of a learnable temperature.
+        features: feature terms ``{key: {"method": "fitnet" | "at" | "rkd", "teacher_layers": [...],
+            "student_layers": [...], "weight": 1.0, **options}}`` on layers named as in
+            ``named_modules()`` (the method defaults to the key); see :class:`~lightning_kd.features.FeatureDistillation`.
+            FitNet's adapters are built from one dry forward at the start of fit (on
+            ``example_input_array`` if set, else the first training batch), trained with the student,
+            and not part of the exported student.
+        teacher_weights: for several teachers: None (mean) or one weight per teacher (list or dict).
         optimizer: a partial ``params -> Optimizer`` (Hydra ``_partial_: true``) applied to the
             trainable (student) parameters; default ``Adam(lr=1e-3)``.
         lr_scheduler: None, ``"cosine"`` (per-step cosine decay over the whole run), or a partial
@@ -95,14 +134,15 @@ class DistillationModule(L.LightningModule):
         teacher_dtype: run the teacher in this dtype (``"float32"``, ``"bfloat16"``, ``"float16"``)
             whatever the Trainer's precision: its weights are cast once and its forward runs
             outside autocast. None: as given (a teacher already in bfloat16 gets its inputs cast).
+            For several teachers, a dict gives each its own: ``{"0": "bfloat16", "1": None}``.
         compile_student: ``student.compile()`` in place (checkpoint keys unchanged).
         compile_teacher: ``teacher.compile()`` in place.
         channels_last: convert conv nets and 4-D inputs to the channels-last memory format.
 
     Raises:
-        ValueError: for ``temperature <= 0``, ``alpha`` outside [0, 1], an unknown loss or
-            scheduler name; at run time for teacher/student outputs of different shapes or
-            targets that do not fit the outputs.
+        ValueError: for ``temperature <= 0``, ``alpha`` outside [0, 1], an unknown loss, loss option,
+            feature method, layer name or scheduler name; at run time for teacher/student outputs of
+            different shapes or targets that do not fit the outputs.
         TypeError: if teacher or student is not an ``nn.Module``.
 
     Example::
@@ -115,14 +155,21 @@ class DistillationModule(L.LightningModule):
 
     def __init__(
         self,
-        teacher: nn.Module | None,
+        teacher: Teachers | None,
         student: nn.Module,
         *,
         temperature: float = 4.0,
         alpha: float = 0.9,
         hard_loss: HardLoss = "cross_entropy",
-        soft_loss: Literal["kl", "mse"] = "kl",
+        soft_loss: Literal["kl", "mse", "dkd", "dist", "reverse_kl", "jsd", "skew_kl"] = "kl",
+        soft_loss_options: Mapping[str, Any] | None = None,
+        standardize: bool = False,
         scale_by_t2: bool = True,
+        soft_weight: float = 1.0,
+        learnable_temperature: bool | Mapping[str, float] = False,
+        grl_weight: float = 1.0,
+        features: Mapping[str, Mapping[str, Any]] | None = None,
+        teacher_weights: list[float] | dict[str, float] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: str | Callable[..., Any] | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -131,7 +178,7 @@ class DistillationModule(L.LightningModule):
         soft_targets: SoftTargetStore | str | None = None,
         augmentation: Augmentation | None = None,
         augmentation_seed: int = 0,
-        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | Mapping[str, str | None] | None = None,
         compile_student: bool = False,
         compile_teacher: bool = False,
         channels_last: bool = False,
@@ -139,10 +186,18 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         if not isinstance(student, nn.Module):
             raise TypeError(f"Expected `student` to be an nn.Module, but got {type(student).__name__}.")
+        if isinstance(teacher, (list, tuple, Mapping)):
+            per_teacher = teacher_dtype if isinstance(teacher_dtype, Mapping) else None
+            teacher = TeacherEnsemble(teacher, weights=teacher_weights, dtypes=per_teacher)
+            teacher_dtype = None if per_teacher is not None else teacher_dtype
+        elif teacher_weights is not None:
+            raise ValueError("`teacher_weights` is for several teachers: pass `teacher` as a list or dict of models.")
         if teacher is not None and not isinstance(teacher, nn.Module):
-            raise TypeError(f"Expected `teacher` to be an nn.Module or None, but got {type(teacher).__name__}.")
-        if soft_loss not in SOFT_LOSSES:
-            raise ValueError(f"Unknown `soft_loss` {soft_loss!r}. Expected one of {', '.join(SOFT_LOSSES)}.")
+            raise TypeError(f"Expected `teacher` to be an nn.Module, a list/dict of them, or None, but got {type(teacher).__name__}.")
+        if isinstance(teacher_dtype, Mapping):
+            raise ValueError("A per-teacher `teacher_dtype` dict needs several teachers; give one teacher a dtype name.")
+        soft_loss_options = dict(soft_loss_options or {})
+        check_soft_loss(soft_loss, soft_loss_options)
         if isinstance(lr_scheduler, str) and lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(
                 f"Unknown `lr_scheduler` {lr_scheduler!r}. Expected one of {', '.join(LR_SCHEDULERS)}, None, "
@@ -150,17 +205,27 @@ class DistillationModule(L.LightningModule):
             )
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"Expected `lr_scheduler_interval` to be 'epoch' or 'step', but got {lr_scheduler_interval!r}.")
-        dtype = None if teacher_dtype is None else resolve_teacher_dtype(teacher_dtype)
+        dtype = None if teacher_dtype is None else resolve_dtype(teacher_dtype)
         if augmentation is not None and not isinstance(augmentation, Augmentation):
             raise TypeError(
                 f"Expected `augmentation` to be a lightning_kd.data.augment.Augmentation, but got {type(augmentation).__name__}."
             )
         self.hard_loss_fn = get_hard_loss(hard_loss)
         self._builtin_hard = isinstance(hard_loss, str)
+        self.temperature_model: LearnableTemperature | None = None
         self.temperature = temperature  # validated by the property setters below
         self.alpha = alpha
         self.soft_loss = soft_loss
+        self.soft_loss_options = soft_loss_options
+        self.standardize = standardize
         self.scale_by_t2 = scale_by_t2
+        self.soft_weight = soft_weight
+        self.grl_weight = grl_weight
+        if learnable_temperature:
+            if soft_loss == "mse":
+                raise ValueError("`learnable_temperature` needs a soft loss with a temperature, but got soft_loss='mse'.")
+            options = learnable_temperature if isinstance(learnable_temperature, Mapping) else {}
+            self.temperature_model = LearnableTemperature(temperature, **options)
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -173,14 +238,21 @@ class DistillationModule(L.LightningModule):
                 "alpha": float(alpha),
                 "hard_loss": hard_loss if isinstance(hard_loss, str) else None,
                 "soft_loss": soft_loss,
+                "soft_loss_options": _plain(soft_loss_options),
+                "standardize": standardize,
                 "scale_by_t2": scale_by_t2,
+                "soft_weight": float(soft_weight),
+                "learnable_temperature": _plain(learnable_temperature),
+                "grl_weight": float(grl_weight),
+                "features": _plain(features),
+                "teacher_weights": _plain(teacher_weights),
                 "lr_scheduler": lr_scheduler if isinstance(lr_scheduler, str) else None,
                 "keep_teacher_in_checkpoint": keep_teacher_in_checkpoint,
                 "teacher_checkpoint": self.teacher_checkpoint,
                 "soft_targets": None if soft_targets is None else str(getattr(soft_targets, "path", soft_targets)),
                 "augmentation": None if augmentation is None else repr(augmentation),
                 "augmentation_seed": augmentation_seed,
-                "teacher_dtype": teacher_dtype,
+                "teacher_dtype": _plain(teacher_dtype),
                 "compile_student": compile_student,
                 "compile_teacher": compile_teacher,
                 "channels_last": channels_last,
@@ -204,14 +276,22 @@ class DistillationModule(L.LightningModule):
             for model in (student, teacher):
                 if model is not None:
                     model.to(memory_format=torch.channels_last)
+        self.feature_distillation: FeatureDistillation | None = None
+        if features:
+            if teacher is None:
+                raise ValueError("Feature terms need the teacher's activations: pass a teacher (they cannot come from `soft_targets`).")
+            self.feature_distillation = FeatureDistillation(teacher, student, features)
         if compile_student:
             student.compile()  # in place: parameters and state-dict keys keep their names
         if compile_teacher and teacher is not None:
             teacher.compile()
         self.soft_targets = None if soft_targets is None else open_store(soft_targets)
         if self.soft_targets is not None:
-            if soft_loss == "mse" and self.soft_targets.top_k is not None:
-                raise ValueError("`soft_loss='mse'` needs full teacher outputs, but the soft-target store keeps only the top-k.")
+            if self.soft_targets.top_k is not None and (soft_loss != "kl" or standardize):
+                raise ValueError(
+                    f"soft_loss={soft_loss!r}{' with standardize=True' if standardize else ''} needs full teacher outputs, but the "
+                    "soft-target store keeps only the top-k; only soft_loss='kl' takes top-k targets."
+                )
             self.soft_targets.check_augmentation(augmentation)
             if teacher is not None:
                 self.soft_targets.check_teacher(fingerprint(teacher))
@@ -229,12 +309,30 @@ class DistillationModule(L.LightningModule):
     # ------------------------------------------------------------------ settings the callback anneals
     @property
     def temperature(self) -> float:
+        """The softmax temperature (the current learned value with ``learnable_temperature``)."""
+        if self.temperature_model is not None:
+            return float(self.temperature_model().detach())
         return self._temperature
 
     @temperature.setter
     def temperature(self, value: float) -> None:
+        if self.temperature_model is not None:
+            raise RuntimeError(
+                "The temperature is learned (`learnable_temperature`), so it cannot be set or annealed. Anneal "
+                "`grl_weight` instead (e.g. `schedule=ctkd`), or switch `learnable_temperature` off."
+            )
         check_temperature(value)
         self._temperature = float(value)
+
+    @property
+    def soft_weight(self) -> float:
+        return self._soft_weight
+
+    @soft_weight.setter
+    def soft_weight(self, value: float) -> None:
+        if not value >= 0:
+            raise ValueError(f"Expected `soft_weight` to be >= 0, but got {value}.")
+        self._soft_weight = float(value)
 
     @property
     def alpha(self) -> float:
@@ -257,31 +355,44 @@ class DistillationModule(L.LightningModule):
 
     def teacher_forward(self, inputs: Any) -> Tensor:
         """The teacher's logits for ``inputs``, computed without autograd, in the teacher's own dtype."""
-        dtype = _floating_dtype(self.teacher)
-        if dtype is not None:  # e.g. a bfloat16 teacher beside a float32 student under "32-true"
-            inputs = apply_to_collection(inputs, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+        inputs = cast_inputs(inputs, self.teacher)  # e.g. a bfloat16 teacher beside a float32 student under "32-true"
         with torch.no_grad():
             if self.teacher_dtype is None:
-                return _logits(self.teacher(inputs))
+                return extract_logits(self.teacher(inputs))
             with torch.autocast(device_type=self.device.type, enabled=False):
-                return _logits(self.teacher(inputs))
+                return extract_logits(self.teacher(inputs))
 
     def student_forward(self, inputs: Any) -> Tensor:
         """The student's logits for ``inputs``."""
-        return _logits(self.student(inputs))
+        return extract_logits(self.student(inputs))
 
     def distillation_loss(self, student_out: Tensor, teacher_out: Tensor | None, targets: Tensor | None) -> dict[str, Tensor]:
-        """``{"loss", "soft", "hard"}``: ``alpha * soft + (1 - alpha) * hard`` (hard alone without a teacher)."""
+        """``{"loss", "soft", "hard"}``: ``soft_weight * alpha * soft + (1 - alpha) * hard`` (hard alone without a teacher)."""
         zero = 0.0 * student_out.float().sum()  # graph-connected zero for a missing term
         hard = zero if targets is None else self._hard(student_out, targets)
         if teacher_out is None:
             return {"loss": hard, "soft": zero, "hard": hard}
-        if self.soft_loss == "kl":
-            soft = kd_loss(student_out, teacher_out, self.temperature, scale_by_t2=self.scale_by_t2)
-        else:
-            soft = soft_mse_loss(student_out, teacher_out)
-        loss = self.alpha * soft + (1.0 - self.alpha) * hard
+        soft = compute_soft_loss(
+            self.soft_loss,
+            student_out,
+            teacher_out,
+            self._target_classes(teacher_out, targets) if self.soft_loss in NEEDS_TARGETS else None,
+            temperature=self.temperature_model(self.grl_weight) if self.temperature_model is not None else self._temperature,
+            scale_by_t2=self.scale_by_t2,
+            standardize=self.standardize,
+            options=self.soft_loss_options,
+        )
+        loss = self.soft_weight * self.alpha * soft + (1.0 - self.alpha) * hard
         return {"loss": loss, "soft": soft, "hard": hard}
+
+    def _target_classes(self, teacher_out: Tensor, targets: Tensor | None) -> Tensor:
+        """The class per input for DKD: the label, or the teacher's top-1 for unlabeled inputs."""
+        top1 = teacher_out.argmax(dim=-1)
+        if targets is None:
+            return top1
+        if targets.is_floating_point():
+            raise TypeError(f"soft_loss={self.soft_loss!r} needs class targets, but got real-valued (regression) targets.")
+        return torch.where(targets == IGNORE_INDEX, top1, targets)
 
     def forward(self, x: Any) -> Any:
         return self.student(x)
@@ -326,6 +437,14 @@ class DistillationModule(L.LightningModule):
         inputs, targets, student_out, teacher_out = self._forward(batch, training=True)
         losses = self.distillation_loss(student_out, teacher_out, targets)
         n = batch_utils.batch_size(inputs)
+        if self.feature_distillation is not None:
+            terms = self.feature_distillation.losses()
+            self.feature_distillation.clear()  # the captured activations hold the graph: drop them after use
+            losses["loss"] = losses["loss"] + self.feature_distillation.weighted_sum(terms)
+            for key, value in terms.items():
+                self.log(f"train/feature_{key}", value.detach(), on_step=True, on_epoch=False, batch_size=n)
+        if self.temperature_model is not None:
+            self.log("train/temperature", self.temperature_model().detach(), on_step=True, on_epoch=False, batch_size=n)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
             value = losses[key].detach()
             # Per step: this rank's value, no collective. Per epoch: a torchmetrics mean, reduced across
@@ -372,7 +491,7 @@ class DistillationModule(L.LightningModule):
         if t is not None:
             check_teacher(s, t)  # before any metric compares them (the sanity check runs validation first)
         top1 = None if t is None else (t.top1() if isinstance(t, TopKLogits) else t.argmax(-1))
-        if t is not None and self.soft_loss == "kl":
+        if t is not None and self.soft_loss != "mse":
             m[f"{stage}_agreement"].update((s.argmax(-1) == top1).float().flatten())
             if stage != "train":
                 m[f"{stage}_kl"].update(kl_per_position(s, t, 1.0).flatten())
@@ -448,6 +567,35 @@ class DistillationModule(L.LightningModule):
         return self
 
     @override
+    def setup(self, stage: str) -> None:
+        # Before the strategy wraps the module (DDP) and the optimizer is made: hooks and adapters exist by then.
+        if stage == "fit" and self.feature_distillation is not None:
+            self.feature_distillation.attach()
+            if self.feature_distillation.needs_adapters:
+                self._dry_forward()
+                self.feature_distillation.build_adapters()
+                self.feature_distillation.clear()
+
+    def _dry_forward(self) -> None:
+        """One forward of both models in eval mode on an example batch, to see the hooked layers' shapes."""
+        inputs = self.example_input_array
+        if inputs is None:
+            inputs, _ = self.unpack_batch(batch_utils.split_cached(_first_batch(self.trainer))[0])
+        student_mode = self.student.training
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                self.teacher_forward(inputs)
+                self.student_forward(inputs)
+        finally:
+            self.student.train(student_mode)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.feature_distillation is not None:
+            self.feature_distillation.detach()  # nothing stays registered on the user's models
+
+    @override
     def on_fit_start(self) -> None:
         self._targets_checked = False
         # A user's `model.eval()` before fit must not freeze the student for the whole run. A student
@@ -494,9 +642,14 @@ class DistillationModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+        if self.feature_distillation is not None:
+            checkpoint["feature_adapters"] = self.feature_distillation.adapter_shapes
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        shapes = checkpoint.get("feature_adapters")
+        if shapes and self.feature_distillation is not None and not self.feature_distillation.adapter_shapes:
+            self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
         expected = checkpoint.get("teacher_fingerprint")
         has_teacher_keys = any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {}))
         if expected is None or self.teacher is None or has_teacher_keys:
@@ -512,21 +665,13 @@ class DistillationModule(L.LightningModule):
         )
 
 
-def resolve_teacher_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a ``teacher_dtype`` setting.
-
-    Raises:
-        ValueError: for a name that is not one of ``TEACHER_DTYPES``.
-    """
-    if name not in TEACHER_DTYPES:
-        raise ValueError(f"Unknown `teacher_dtype` {name!r}. Expected one of {', '.join(TEACHER_DTYPES)} or None.")
-    return TEACHER_DTYPES[name]
-
-
-def _floating_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype of a model's floating parameters, if they all share one."""
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
+def _plain(value: Any) -> Any:
+    """A hyperparameter as plain Python (checkpoints must load with ``weights_only=True``)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _to_channels_last(t: Tensor) -> Tensor:
@@ -541,15 +686,18 @@ def _concat(parts: list[Tensor | TopKLogits]) -> Tensor | TopKLogits:
     return torch.cat(parts)
 
 
-def _logits(output: Any) -> Tensor:
-    """Logits from a model output: a tensor, an object with ``.logits`` (Hugging Face), or a tuple's first item."""
-    if isinstance(output, Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"Expected the model to return logits (a tensor, `.logits`, or a tuple starting with them), but got "
-        f"{type(output).__name__}. Override `teacher_forward` / `student_forward` to extract them."
-    )
+def _first_batch(trainer: "L.Trainer") -> Any:
+    """The first training batch, for the adapters' dry forward (before the fit loop has its dataloaders)."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    if trainer.datamodule is not None:
+        loader = trainer.datamodule.train_dataloader()
+    else:
+        loader = trainer.fit_loop._data_source.dataloader()
+    if isinstance(loader, CombinedLoader):
+        loader = loader.flattened[0]
+    elif isinstance(loader, Mapping):
+        loader = next(iter(loader.values()))
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    return next(iter(loader))

@@ -1,4 +1,4 @@
-"""The pieces every loss shares: float32 log-probabilities, mask checks and the masked mean.
+"""The pieces every loss shares: float32 log-probabilities, the KL sum, checks and the masked mean.
 
 Plain torch, no Lightning: a user can call the losses in their own training loop.
 """
@@ -9,13 +9,39 @@ import torch
 from torch import Tensor
 
 
-def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Float32 ``log_softmax(logits / T)`` over the last dimension.
+Temperature = float | Tensor  # a Tensor for a learned temperature (CTKD), a 0-d or broadcastable one
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    r"""Z-score each logit vector over its classes, in float32 (Sun et al., "Logit Standardization
+    in Knowledge Distillation", CVPR 2024): :math:`(z - \bar z) / (\sigma(z) + 10^{-7})`, with the
+    unbiased standard deviation as in the paper's code. The student then has to match the shape of
+    the teacher's logits, not their scale.
+    """
+    z = logits.float()
+    return (z - z.mean(dim=-1, keepdim=True)) / (z.std(dim=-1, keepdim=True) + 1e-7)
+
+
+def log_probs(logits: Tensor, temperature: Temperature = 1.0, *, standardize: bool = False) -> Tensor:
+    """Float32 ``log_softmax(logits / T)`` over the last dimension (of the z-scored logits with ``standardize``).
 
     Logits are upcast *before* the division: all-bf16 KL can be off by more than 30 %
     (see ``KD_FACTS.md``), and CPU bf16 autocast keeps ``log_softmax`` in bf16 otherwise.
+    Every logit loss goes through this one function.
     """
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    z = standardize_logits(logits) if standardize else logits.float()
+    return torch.log_softmax(z / temperature, dim=-1)
+
+
+def kl_sum(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p ‖ q) = Σ_c p_c (log p_c − log q_c)`` over the last dimension, from log-probabilities.
+
+    Classes with ``p_c = 0`` (masked ``-inf`` logits) contribute exactly zero, with finite gradients
+    on both sides, instead of ``0 · (−inf) = NaN``.
+    """
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    return (p * diff).sum(dim=-1)
 
 
 def check_pair(student: Tensor, teacher: Tensor) -> None:
@@ -32,7 +58,9 @@ def check_pair(student: Tensor, teacher: Tensor) -> None:
         )
 
 
-def check_temperature(temperature: float) -> None:
+def check_temperature(temperature: Temperature) -> None:
+    if isinstance(temperature, Tensor):
+        return  # a learned temperature is kept > 0 by its parametrisation; checking would sync the device
     if not temperature > 0:
         raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
 
@@ -58,3 +86,8 @@ def masked_mean(per_position: Tensor, mask: Tensor | None, like: Tensor) -> Tens
     total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()
     # clamp keeps the all-masked case finite; the added zero keeps it on the student's graph
     return total / count.clamp(min=1) + 0.0 * like.float().sum()
+
+
+def scale_by_temperature(loss: Tensor, temperature: Temperature, enabled: bool) -> Tensor:
+    """``T² · loss`` (Hinton et al.: keeps the gradient scale independent of ``T``) when ``enabled``."""
+    return loss * (temperature**2) if enabled else loss

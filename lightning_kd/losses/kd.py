@@ -6,10 +6,10 @@ and torchmetrics' KL take the two distributions in opposite orders; these functi
 
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor, nn
 
-from lightning_kd.losses._reduction import check_pair, check_temperature, log_probs, masked_mean
+from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature, standardize_logits
 from lightning_kd.losses.topk import TopKLogits, check_topk_pair, collapse_student, topk_log_probs
 
 Teacher = Tensor | TopKLogits
@@ -23,31 +23,34 @@ def check_teacher(student_logits: Tensor, teacher: Teacher) -> None:
         check_pair(student_logits, teacher)
 
 
-def kl_per_position(student_logits: Tensor, teacher_logits: Teacher, temperature: float) -> Tensor:
+def kl_per_position(
+    student_logits: Tensor, teacher_logits: Teacher, temperature: Temperature, *, standardize: bool = False
+) -> Tensor:
     """``KL(softmax(t/T) ‖ softmax(s/T))`` summed over classes, one value per position (float32).
 
     Classes where the teacher's probability is exactly zero (masked ``-inf`` logits) contribute
     zero instead of ``0 · (−inf) = NaN``. With :class:`TopKLogits` the sum runs over the ``k + 1``
     buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail).
     """
-    log_p_s = log_probs(student_logits, temperature)
+    log_p_s = log_probs(student_logits, temperature, standardize=standardize)
     if isinstance(teacher_logits, TopKLogits):
+        if standardize:
+            raise ValueError("`standardize=True` needs the teacher's full logits, but got top-k teacher targets.")
         log_p_t = topk_log_probs(teacher_logits, student_logits.shape[-1], temperature)
         log_p_s = collapse_student(log_p_s, teacher_logits.indices)
     else:
-        log_p_t = log_probs(teacher_logits, temperature)
-    p_t = log_p_t.exp()
-    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t))
-    return kl.sum(dim=-1)
+        log_p_t = log_probs(teacher_logits, temperature, standardize=standardize)
+    return kl_sum(log_p_t, log_p_s)
 
 
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Teacher,
-    temperature: float = 4.0,
+    temperature: Temperature = 4.0,
     *,
     mask: Tensor | None = None,
     scale_by_t2: bool = True,
+    standardize: bool = False,
 ) -> Tensor:
     r"""Knowledge-distillation loss of Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network" (2015).
 
@@ -78,6 +81,8 @@ def kd_loss(
         mask: positions to average over; a batch with no valid position gives a zero loss that
             is still connected to the graph.
         scale_by_t2: multiply by :math:`T^2`.
+        standardize: z-score both logit vectors before the temperature (logit standardisation,
+            Sun et al., CVPR 2024; see :func:`~lightning_kd.losses.standardize_logits`).
 
     Raises:
         ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
@@ -91,8 +96,9 @@ def kd_loss(
     """
     check_teacher(student_logits, teacher_logits)
     check_temperature(temperature)
-    loss = masked_mean(kl_per_position(student_logits, teacher_logits, temperature), mask, student_logits)
-    return loss * (temperature**2) if scale_by_t2 else loss
+    per_position = kl_per_position(student_logits, teacher_logits, temperature, standardize=standardize)
+    loss = masked_mean(per_position, mask, student_logits)
+    return scale_by_temperature(loss, temperature, scale_by_t2)
 
 
 def soft_mse_loss(
@@ -100,6 +106,7 @@ def soft_mse_loss(
     teacher_logits: Tensor,
     *,
     mask: Tensor | None = None,
+    standardize: bool = False,
 ) -> Tensor:
     r"""Mean squared error between student and teacher outputs, averaged over valid positions.
 
@@ -120,6 +127,8 @@ def soft_mse_loss(
         2.5
     """
     check_pair(student_logits, teacher_logits)
+    if standardize:  # compare the z-scored logits (logit standardisation)
+        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     per_position = (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
     return masked_mean(per_position, mask, student_logits)
 

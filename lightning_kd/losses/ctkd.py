@@ -1,0 +1,76 @@
+r"""Curriculum temperature (Li et al., "Curriculum Temperature for Knowledge Distillation", AAAI 2023).
+
+The temperature becomes a parameter, :math:`T = T_{\min} + T_{\text{range}} \cdot \sigma(\theta)`,
+trained *adversarially*: a gradient-reversal layer (Ganin & Lempitsky, 2015) flips the sign of its
+gradient, so that the student minimises the distillation loss while :math:`T` moves to make it
+harder. The reversal weight :math:`\lambda` ramps up from 0 (a curriculum: easy first), which the
+annealing callback does by scheduling the module's ``grl_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: float) -> Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: Tensor, weight: float = 1.0) -> Tensor:
+    """Identity forward; the gradient is multiplied by ``-weight`` on the way back."""
+    return _GradientReversal.apply(x, float(weight))
+
+
+class LearnableTemperature(nn.Module):
+    r"""A global temperature :math:`T = T_{\min} + T_{\text{range}} \cdot \sigma(\theta)`, learned through gradient reversal.
+
+    ``forward(grl_weight)`` returns :math:`T` as a 0-d tensor whose gradient reaches :math:`\theta`
+    multiplied by ``-grl_weight``: the optimizer that minimises the distillation loss maximises it in
+    :math:`T`. Put :math:`\theta` in the same optimizer as the student (it is an ``nn.Parameter``).
+
+    Args:
+        initial: the starting temperature, in ``(t_min, t_min + t_range)``.
+        t_min: the lowest reachable temperature (> 0). CTKD's default: 1.
+        t_range: the width of the reachable range. CTKD's default: 20.
+
+    Raises:
+        ValueError: if ``t_min <= 0``, ``t_range <= 0`` or ``initial`` is outside the open range.
+
+    Example::
+
+        >>> temperature = LearnableTemperature(initial=4.0)
+        >>> round(temperature().item(), 4)
+        4.0
+    """
+
+    def __init__(self, initial: float = 4.0, *, t_min: float = 1.0, t_range: float = 20.0) -> None:
+        super().__init__()
+        if not t_min > 0:
+            raise ValueError(f"Expected `t_min` to be > 0, but got {t_min}.")
+        if not t_range > 0:
+            raise ValueError(f"Expected `t_range` to be > 0, but got {t_range}.")
+        if not t_min < initial < t_min + t_range:
+            raise ValueError(
+                f"Expected the initial temperature to be in ({t_min}, {t_min + t_range}) (`t_min`, `t_min + t_range`), "
+                f"but got {initial}."
+            )
+        self.t_min, self.t_range = float(t_min), float(t_range)
+        fraction = (initial - t_min) / t_range
+        self.theta = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
+
+    def forward(self, grl_weight: float = 1.0) -> Tensor:
+        return self.t_min + self.t_range * torch.sigmoid(reverse_gradient(self.theta, grl_weight))
+
+    def extra_repr(self) -> str:
+        return f"t_min={self.t_min}, t_range={self.t_range}"

@@ -1,0 +1,195 @@
+r"""The other divergences between teacher and student distributions: reverse KL, generalised JSD, skew KL.
+
+The language-model distillation family (GKD, DistiLLM, MiniLLM), where forward KL's mass-covering
+behaviour is not always what one wants. Each is a sum over classes per position, averaged over the
+(valid) positions with the same float32 log-softmax and masked mean as :func:`kd_loss`.
+
+With :math:`p_t = \mathrm{softmax}(z_t / T)`, :math:`p_s = \mathrm{softmax}(z_s / T)`:
+
+- reverse KL: :math:`\mathrm{KL}(p_s \| p_t)` (mode seeking; infinite where the teacher gives a
+  class zero probability and the student does not);
+- generalised JSD (Agarwal et al., "On-Policy Distillation of Language Models", ICLR 2024):
+  :math:`\beta\,\mathrm{KL}(p_t \| m) + (1 - \beta)\,\mathrm{KL}(p_s \| m)` with
+  :math:`m = \beta p_t + (1 - \beta) p_s`; divided by :math:`\beta` it tends to forward KL as
+  :math:`\beta \to 0`, divided by :math:`1 - \beta` to reverse KL as :math:`\beta \to 1`;
+- skew KL (Ko et al., "DistiLLM", ICML 2024): :math:`\mathrm{KL}(p_t \| \lambda p_t + (1 - \lambda) p_s)`,
+  forward KL at :math:`\lambda = 0`, bounded by :math:`-\log \lambda` for :math:`\lambda > 0`.
+
+Like :func:`kd_loss` they multiply by :math:`T^2` unless ``scale_by_t2=False`` (no-op at the
+default ``T = 1``, the LM recipes' setting).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature
+
+
+def _log_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: Temperature, standardize: bool) -> tuple[Tensor, Tensor]:
+    check_pair(student_logits, teacher_logits)
+    check_temperature(temperature)
+    return (
+        log_probs(student_logits, temperature, standardize=standardize),
+        log_probs(teacher_logits, temperature, standardize=standardize),
+    )
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """``log(weight · p + (1 − weight) · q)``, stable, exact at ``weight`` 0 and 1."""
+    log_w = math.log(weight) if weight > 0 else -math.inf
+    log_1mw = math.log1p(-weight) if weight < 1 else -math.inf
+    return torch.logaddexp(log_p + log_w, log_q + log_1mw)
+
+
+def _finish(per_position: Tensor, mask: Tensor | None, like: Tensor, temperature: Temperature, scale_by_t2: bool) -> Tensor:
+    return scale_by_temperature(masked_mean(per_position, mask, like), temperature, scale_by_t2)
+
+
+def _check_unit(name: str, value: float, *, low_open: bool, high_open: bool) -> None:
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value < 1 if high_open else value <= 1
+    if not (low_ok and high_ok):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(f"Expected `{name}` to be in {interval}, but got {value}.")
+
+
+def reverse_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: Temperature = 1.0,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+) -> Tensor:
+    r"""Reverse KL, :math:`\mathrm{KL}(p_s \| p_t)`, averaged over the valid positions.
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{|M|} \sum_{i \in M} \sum_c p^s_{i,c} \left(\log p^s_{i,c} - \log p^t_{i,c}\right)
+
+    Shape:
+        - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
+        - mask: ``student_logits.shape[:-1]`` (bool, True = counts), optional. Output: scalar, float32.
+
+    Args:
+        student_logits: the student's logits (the distribution being trained).
+        teacher_logits: the teacher's logits.
+        temperature: :math:`T > 0`, divides both logits.
+        mask: positions to average over.
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: z-score both logit vectors first (logit standardisation).
+
+    Raises:
+        ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(reverse_kl_loss(s, t).item(), 4)
+        1.1504
+    """
+    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    return _finish(kl_sum(log_p_s, log_p_t), mask, student_logits, temperature, scale_by_t2)
+
+
+def jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: Temperature = 1.0,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+) -> Tensor:
+    r"""Generalised Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024).
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{|M|} \sum_{i \in M}
+            \beta\,\mathrm{KL}(p^t_i \| m_i) + (1 - \beta)\,\mathrm{KL}(p^s_i \| m_i),
+        \qquad m = \beta p^t + (1 - \beta) p^s
+
+    ``beta = 0.5`` is the symmetric JSD. The loss vanishes at both ends; as ``beta → 0`` it behaves
+    as ``beta ·`` forward KL, as ``beta → 1`` as ``(1 − beta) ·`` reverse KL (use :func:`kd_loss`
+    or :func:`reverse_kl_loss` for those).
+
+    Shape:
+        - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
+        - mask: ``student_logits.shape[:-1]``, optional. Output: scalar, float32.
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits.
+        beta: the teacher's weight in the mixture, in (0, 1).
+        temperature: :math:`T > 0`, divides both logits.
+        mask: positions to average over.
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: z-score both logit vectors first.
+
+    Raises:
+        ValueError: if ``beta`` is not in (0, 1), the shapes differ, ``temperature <= 0`` or the
+            mask has the wrong shape.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(jsd_loss(s, t).item(), 4)
+        0.2476
+    """
+    _check_unit("beta", beta, low_open=True, high_open=True)
+    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    log_m = _log_mixture(log_p_t, log_p_s, beta)
+    per_position = beta * kl_sum(log_p_t, log_m) + (1.0 - beta) * kl_sum(log_p_s, log_m)
+    return _finish(per_position, mask, student_logits, temperature, scale_by_t2)
+
+
+def skew_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    skew: float = 0.1,
+    temperature: Temperature = 1.0,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+) -> Tensor:
+    r"""Skew KL of DistiLLM (Ko et al., ICML 2024): forward KL against a teacher-student mixture.
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{|M|} \sum_{i \in M}
+            \mathrm{KL}\big(p^t_i \,\|\, \lambda p^t_i + (1 - \lambda) p^s_i\big)
+
+    ``skew = 0`` is forward KL (:func:`kd_loss` with the same ``T``); a positive ``skew`` bounds
+    the loss and its gradients where the student gives a teacher class almost no mass.
+
+    Shape:
+        - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
+        - mask: ``student_logits.shape[:-1]``, optional. Output: scalar, float32.
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits.
+        skew: :math:`\lambda \in [0, 1)`, the teacher's weight in the mixture.
+        temperature: :math:`T > 0`, divides both logits.
+        mask: positions to average over.
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: z-score both logit vectors first.
+
+    Raises:
+        ValueError: if ``skew`` is not in [0, 1), the shapes differ, ``temperature <= 0`` or the
+            mask has the wrong shape.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(skew_kl_loss(s, t, skew=0.1).item(), 4)
+        0.8299
+    """
+    _check_unit("skew", skew, low_open=False, high_open=True)
+    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    log_m = _log_mixture(log_p_t, log_p_s, skew)
+    return _finish(kl_sum(log_p_t, log_m), mask, student_logits, temperature, scale_by_t2)

@@ -1,0 +1,98 @@
+r"""Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
+
+KD's KL splits into a binary part on the target class and a part on the other classes:
+
+.. math::
+    \mathrm{KL}(p^t \| p^s) = \underbrace{\mathrm{KL}(b^t \| b^s)}_{\text{TCKD}}
+        + (1 - p^t_y)\,\underbrace{\mathrm{KL}(\hat p^t \| \hat p^s)}_{\text{NCKD}}
+
+with :math:`b = (p_y, 1 - p_y)` and :math:`\hat p` the distribution renormalised over the
+non-target classes. DKD weights the two freely, :math:`\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}`,
+removing the :math:`1 - p^t_y` factor that suppresses NCKD exactly when the teacher is confident.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature
+from lightning_kd.losses.hard import IGNORE_INDEX, check_class_targets
+
+
+def _split(log_p: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log b, log p̂)``: the binary target/other log-probabilities ``(..., 2)`` and the non-target
+    classes renormalised ``(..., C)`` (``-inf`` at the target), all in log space."""
+    log_target = log_p.masked_fill(~is_target, -math.inf).logsumexp(dim=-1, keepdim=True)  # log p_y
+    others = log_p.masked_fill(is_target, -math.inf)
+    log_other = others.logsumexp(dim=-1, keepdim=True)  # log(1 - p_y), without cancellation
+    return torch.cat([log_target, log_other], dim=-1), others - log_other
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: Temperature = 4.0,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+) -> Tensor:
+    r"""Decoupled KD (Zhao et al., CVPR 2022): :math:`T^2 (\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD})`.
+
+    .. math::
+        \mathcal{L} = T^2 \cdot \frac{1}{|M|} \sum_{i \in M}
+            \alpha\,\mathrm{KL}(b^t_i \| b^s_i) + \beta\,\mathrm{KL}(\hat p^t_i \| \hat p^s_i)
+
+    where :math:`b = (p_y, 1 - p_y)`, :math:`\hat p_c = p_c / (1 - p_y)` for :math:`c \ne y`, and
+    :math:`p = \mathrm{softmax}(z / T)`. The paper's defaults: ``alpha=1``, ``beta=8``, ``T=4``,
+    with the whole DKD term warmed up linearly over the first 20 epochs (with
+    :class:`~lightning_kd.DistillationModule`, anneal its ``soft_weight``). Positions whose target
+    is ``-100`` (unlabeled) are left out, as in the cross-entropy. Float32 math.
+
+    Shape:
+        - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
+        - targets: ``student_logits.shape[:-1]``, class indices (``-100`` = no target).
+        - mask: ``student_logits.shape[:-1]``, optional. Output: scalar, float32.
+
+    Args:
+        student_logits: the student's logits.
+        teacher_logits: the teacher's logits.
+        targets: the ground-truth class of each position.
+        alpha: weight of TCKD (target-class KD).
+        beta: weight of NCKD (non-target-class KD).
+        temperature: :math:`T > 0`, divides both logits.
+        mask: positions to average over (besides the unlabeled ones).
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: z-score both logit vectors first (logit standardisation).
+
+    Raises:
+        ValueError: if the shapes differ, ``temperature <= 0``, a target is out of range, or the
+            mask has the wrong shape.
+        TypeError: if ``targets`` are not integer class indices.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(dkd_loss(s, t, torch.tensor([0]), alpha=1.0, beta=0.0, temperature=1.0).item(), 4)
+        0.9957
+    """
+    check_pair(student_logits, teacher_logits)
+    check_temperature(temperature)
+    check_class_targets(student_logits, targets, "dkd_loss")
+    labeled = targets != IGNORE_INDEX
+    valid = labeled if mask is None else labeled & mask.to(torch.bool)
+    if mask is not None and mask.shape != labeled.shape:
+        raise ValueError(f"Expected `mask` of shape {tuple(labeled.shape)}, but got {tuple(mask.shape)}.")
+    classes = torch.arange(student_logits.shape[-1], device=targets.device)
+    is_target = targets.clamp(min=0).unsqueeze(-1) == classes  # (..., C); unlabeled rows: any class, masked out
+    binary_s, others_s = _split(log_probs(student_logits, temperature, standardize=standardize), is_target)
+    binary_t, others_t = _split(log_probs(teacher_logits, temperature, standardize=standardize), is_target)
+    per_position = alpha * kl_sum(binary_t, binary_s) + beta * kl_sum(others_t, others_s)
+    loss = masked_mean(per_position, valid, student_logits)
+    return scale_by_temperature(loss, temperature, scale_by_t2)
