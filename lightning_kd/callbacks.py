@@ -57,7 +57,7 @@ class DistillationAnnealing(Callback):
         annealing = DistillationAnnealing(
             temperature=Cosine(8.0, 2.0, warmup=0.1),  # hold 8 for 10 % of the run, then decay to 2
             alpha=0.9,
-            schedules={"dkd_weight": Constant(1.0, warmup=20, warmup_start=0.0)},
+            schedules={"soft_weight": Constant(1.0, warmup=20, warmup_start=0.0)},  # DKD's warm-up
             interval="epoch",
         )
         trainer = Trainer(max_epochs=240, callbacks=[annealing])

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from lightning_kd import report
 from lightning_kd.cache import build_soft_targets
@@ -27,7 +28,7 @@ from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.indexed import SoftTargetDataModule
 from lightning_kd.data.soft_targets import SoftTargetStore
 from lightning_kd.module import DistillationModule
-from lightning_kd.teachers import resolve_dtype
+from lightning_kd.teachers import TeacherEnsemble, resolve_dtype
 from lightning_kd.weights import load_weights
 
 log = logging.getLogger("lightning_kd")
@@ -37,6 +38,7 @@ DISTILLED_STAGES = ("student_distilled", "student_distilled_transfer")
 MODEL_STAGES = ("teacher", *STUDENT_STAGES)  # the report's rows
 STAGES = ("teacher", "cache", *STUDENT_STAGES)
 TARGETS = ("online", "cached")
+CONFIG_ONLY = ("teacher_layers", "student_layers")  # `distill` keys that the feature terms interpolate, not module arguments
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -75,6 +77,12 @@ def _stages(cfg: DictConfig) -> list[str]:
     store_exists = cached and _store_complete(Path(cfg.cache.path))
     if cached and "cache" not in stages and not store_exists:
         stages.insert(stages.index(distilled[0]), "cache")  # build the store the distilled stages read
+    schedule = cfg.get("schedule") or {}
+    if distilled and cfg.distill.get("learnable_temperature") and schedule.get("temperature") is not None:
+        raise ValueError(
+            "`distill.learnable_temperature` learns the temperature, but the schedule sets it: use `schedule=ctkd` "
+            "(or a schedule with `temperature: null`)."
+        )
     has_checkpoint = bool(cfg.teacher.get("checkpoint"))
     requires_checkpoint = bool(cfg.task.get("requires_teacher_checkpoint"))
     if "teacher" in stages and not has_checkpoint and not requires_checkpoint:
@@ -148,7 +156,7 @@ def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetSt
     store = SoftTargetStore(cfg.cache.path, verify=bool(cfg.cache.verify))
     if teacher_checkpoint is not None:
         # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
-        teacher = load_weights(hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), teacher_checkpoint)
+        teacher = build_teacher(cfg, teacher_checkpoint)
         if cfg.speed.get("teacher_dtype"):
             teacher.to(resolve_dtype(cfg.speed.teacher_dtype))
         store.check_teacher(fingerprint(teacher))
@@ -220,17 +228,47 @@ def build_module(
         return module_class(cfg)(None, student, hard_loss=cfg.distill.hard_loss, **common, **_recipe(cfg.student))
     distill = OmegaConf.to_container(cfg.distill, resolve=True)
     configured = distill.pop("targets", "online")
+    for key in CONFIG_ONLY:
+        distill.pop(key, None)
     if (targets or configured) == "cached":
         if store is None:
             raise ValueError(f"Stage {stage} distils from cached targets but no store was opened (`cache.path`).")
         return module_class(cfg)(None, student, soft_targets=store, **distill, **common, **_recipe(cfg.student))
     if teacher_checkpoint is None:
         raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    if cfg.teacher.get("extra"):  # several teachers: their weights are loaded here, the module gets the ensemble
+        teacher = build_teacher(cfg, teacher_checkpoint)
+        return module_class(cfg)(
+            teacher, student, teacher_dtype=cfg.speed.teacher_dtype, compile_teacher=cfg.speed.compile_teacher,
+            **distill, **common, **_recipe(cfg.student),
+        )
     teacher = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
     return module_class(cfg)(
         teacher, student, teacher_checkpoint=str(teacher_checkpoint), teacher_dtype=cfg.speed.teacher_dtype,
         compile_teacher=cfg.speed.compile_teacher, **distill, **common, **_recipe(cfg.student),
     )
+
+
+def build_teacher(cfg: DictConfig, checkpoint: str | Path) -> nn.Module:
+    """The trained teacher: ``teacher.model`` with ``checkpoint``'s weights, or, with ``teacher.extra``, the
+    ensemble of it and the extra teachers (each a checkpoint path of the same model, or ``{model, checkpoint}``)."""
+    main_teacher = load_weights(hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), checkpoint)
+    extra = cfg.teacher.get("extra") or []
+    if not extra:
+        return main_teacher
+    teachers = [main_teacher]
+    for i, entry in enumerate(extra):
+        if isinstance(entry, str):
+            model_cfg, path = cfg.teacher.model, entry
+        elif isinstance(entry, DictConfig) and entry.get("checkpoint"):
+            model_cfg, path = entry.get("model") or cfg.teacher.model, entry.checkpoint
+        else:
+            raise ValueError(
+                f"Expected `teacher.extra[{i}]` to be a checkpoint path or {{model: ..., checkpoint: PATH}}, but got {entry!r}."
+            )
+        teachers.append(load_weights(hydra.utils.instantiate(model_cfg, _convert_="all"), path))
+    weights = cfg.teacher.get("weights")
+    return TeacherEnsemble(teachers, weights=None if weights is None else list(weights))
 
 
 def _augmentation(cfg: DictConfig) -> Any:

@@ -7,7 +7,9 @@ threads spin against the other processes and make these tiny networks ~30x slowe
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import math
 import os
 import shutil
 import signal
@@ -527,3 +529,96 @@ def test_console_script_with_a_user_config_dir(user_project):
     """`lightning-kd --config-dir DIR --config-name NAME` runs a user's primary config too (here: print it)."""
     out = lightning_kd("--config-dir", str(user_project / "conf"), "--config-name", "my_config", "--cfg", "job", cwd=user_project).stdout
     _check_user_config(OmegaConf.create(out[out.index("module:") :]))
+
+
+# ---------------------------------------------------------------------- every method through the CLI
+
+DISTILL_OPTIONS = sorted(f.name[: -len(".yaml")] for f in (importlib.resources.files("lightning_kd.conf") / "distill").iterdir()
+                         if f.name.endswith(".yaml"))
+NEEDS = {"at": ["student=cnn1d_small"], "kd_at": ["student=cnn1d_small"], "ctkd": ["schedule=ctkd"]}
+# what each method adds to the logged training metrics, besides the soft and hard losses
+LOGGED = {"ctkd": ["train/temperature"], "fitnet": ["train/feature_fitnet"], "at": ["train/feature_at"],
+          "kd_at": ["train/feature_at"], "rkd": ["train/feature_rkd"]}
+FEW_STEPS = ("task.stages=[student_distilled]", "student.epochs=1", "+trainer.limit_train_batches=4", "trainer.log_every_n_steps=1")
+
+
+def step_metrics(stage_dir: Path) -> dict[str, list[float]]:
+    import csv
+
+    rows = list(csv.DictReader((stage_dir / "metrics.csv").open()))
+    return {k: [float(r[k]) for r in rows if r.get(k)] for k in rows[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", DISTILL_OPTIONS)
+def test_every_distill_config_runs_a_few_steps_through_the_cli(smoke_run, tmp_path, option):
+    teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}", f"distill={option}", *FEW_STEPS, *NEEDS.get(option, []))
+    entries = cli.train(cfg)
+    entry = entries["student_distilled"]
+    stage = tmp_path / "student_distilled"
+    metrics = step_metrics(stage)
+    for name in ("train/loss", "train/soft_loss", "train/hard_loss", *LOGGED.get(option, [])):
+        assert len(metrics[name]) == 4 and all(math.isfinite(v) for v in metrics[name]), name
+    if cfg.distill.alpha > 0:
+        assert any(v != 0 for v in metrics["train/soft_loss"])
+    # the exported student is the student alone: no adapter, no learned temperature
+    student = hydra_model(cfg.student.model)
+    assert set(torch.load(stage / "model.pt", weights_only=True)) == set(student.state_dict())
+    assert entry["params"] == sum(p.numel() for p in student.parameters())
+    state = torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("teacher.") for k in state)
+    assert any(k.startswith("feature_distillation.adapters.") for k in state) == (option == "fitnet")
+    assert any(k.startswith("temperature_model.") for k in state) == (option == "ctkd")
+
+
+def hydra_model(model_cfg):
+    import hydra
+
+    return hydra.utils.instantiate(model_cfg, _convert_="all")
+
+
+def test_ctkd_without_its_schedule_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="use `schedule=ctkd`"):
+        cli.train(make_cfg(tmp_path, "task=distill", "teacher.checkpoint=x.ckpt", "distill=ctkd"))
+
+
+@pytest.mark.slow
+def test_two_teachers_through_the_cli(smoke_run, tmp_path):
+    teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}", f"teacher.extra=[{teacher}]", "teacher.weights=[3,1]",
+                   *FEW_STEPS)
+    module = cli.build_module(cfg, "student_distilled", str(teacher))
+    assert list(module.teacher) == ["0", "1"] and module.teacher.weights == {"0": 0.75, "1": 0.25}
+    x = torch.randn(3, 40)
+    single = cli.build_teacher(make_cfg(tmp_path, f"teacher.checkpoint={teacher}"), str(teacher))
+    torch.testing.assert_close(module.teacher_forward(x), single.eval()(x))  # the same teacher twice = that teacher
+    entries = cli.train(cfg)
+    assert entries["student_distilled"]["params"] == STUDENT_PARAMS
+
+
+@pytest.mark.slow
+def test_feature_distillation_with_a_compiled_student_equals_eager(smoke_run, tmp_path):
+    teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
+    runs = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / str(compiled)
+        cli.train(make_cfg(run_dir, "task=distill", f"teacher.checkpoint={teacher}", "distill=fitnet", f"speed.compile_student={compiled}",
+                           *FEW_STEPS))
+        runs[compiled] = step_metrics(run_dir / "student_distilled")
+    np.testing.assert_allclose(runs[True]["train/feature_fitnet"], runs[False]["train/feature_fitnet"], rtol=1e-4)
+    np.testing.assert_allclose(runs[True]["train/loss"], runs[False]["train/loss"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_console_script_ddp_cpu_feature_distillation(smoke_run, tmp_path):
+    """FitNet under 2 gloo processes: hooks behind DDP's wrapper, adapters built before it wraps the module."""
+    teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "run"
+    lightning_kd("task=distill", "trainer=ddp_cpu", "distill=fitnet", f"teacher.checkpoint={teacher}", *SMOKE, *FEW_STEPS,
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=180)
+    metrics = step_metrics(run_dir / "student_distilled")
+    assert len(metrics["train/feature_fitnet"]) == 4  # `limit_train_batches` counts per rank; rank 0 logs its steps
+    assert all(math.isfinite(v) and v > 0 for v in metrics["train/feature_fitnet"])
+    state = torch.load(run_dir / "student_distilled" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "feature_distillation.adapters.fitnet_0.1.weight" in state

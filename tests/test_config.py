@@ -48,6 +48,12 @@ def _discover() -> dict[str, list[str]]:
 GROUPS = _discover()
 OPTIONS = [(group, option) for group, options in sorted(GROUPS.items()) for option in options]
 # Groups with a check of their own below; a new group fails test_every_group_is_checked until it gets one.
+# Options that need another group's option beside them (each says so in its YAML).
+COMPANIONS = {
+    ("distill", "at"): ["student=cnn1d_small"],  # attention maps need a convolutional student
+    ("distill", "kd_at"): ["student=cnn1d_small"],
+    ("distill", "ctkd"): ["schedule=ctkd"],  # the temperature is learned: the schedule must not set it
+}
 CHECKED_GROUPS = {
     "augment", "cache", "callbacks", "data", "distill", "experiment", "logger", "precision", "schedule", "student", "task", "teacher", "trainer"
 }
@@ -122,7 +128,7 @@ def test_default_config(compose_cfg, tmp_path):
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_builds(compose_cfg, tmp_path, group, option):
     """Each option composes with the defaults of every other group, and all of the task's objects build from it."""
-    cfg = compose_cfg(f"{group}={option}")
+    cfg = compose_cfg(f"{group}={option}", *COMPANIONS.get((group, option), ()))
     assert cfg.hydra.runtime.choices[group] == option
     CHECKS[group](cfg, option, tmp_path)
     if group not in ("trainer", "task"):  # checked on their own below (GPU trainers, task stages)
@@ -168,12 +174,22 @@ def _check_model(role, cfg, option, tmp_path):
 def _check_distill(cfg, option, tmp_path):
     module = cli.build_module(cfg, "student_distilled", _teacher_checkpoint(cfg, tmp_path))
     assert module.teacher is not None
-    assert (module.temperature, module.alpha, module.soft_loss) == (cfg.distill.temperature, cfg.distill.alpha, cfg.distill.soft_loss)
-    # the optimizer sees the student only (a `trainer.model.parameters()` optimizer would train the teacher too)
+    assert (module.alpha, module.soft_loss, module.standardize) == (cfg.distill.alpha, cfg.distill.soft_loss, cfg.distill.standardize)
+    assert module.temperature == pytest.approx(cfg.distill.temperature, rel=1e-6)  # a learned one starts there
+    assert module.soft_loss_options == cfg.distill.soft_loss_options
+    assert (module.temperature_model is not None) == bool(cfg.distill.learnable_temperature)
+    # the optimizer sees the student (and a learned temperature) only: a `trainer.model.parameters()` optimizer
+    # would train the teacher too. FitNet's adapters join when they are built, at the start of fit.
     optimizer = module.optimizer_factory(module.trainable_parameters())
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in module.student.parameters()}
+    expected = [*module.student.parameters(), *(module.temperature_model.parameters() if module.temperature_model else [])]
+    assert optimized == {id(p) for p in expected}
     assert not any(p.requires_grad for p in module.teacher.parameters())
+    features = module.feature_distillation
+    assert (features is not None) == bool(cfg.distill.features)
+    if features is not None:
+        assert [t.key for t in features.terms] == list(cfg.distill.features)
+        assert features.teacher_layers == list(cfg.distill.teacher_layers)
 
 
 def _check_cache(cfg, option, tmp_path):

@@ -355,3 +355,52 @@ def test_unsupported_batch_format_says_how_to_fix():
     module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
     with pytest.raises(TypeError, match="override `unpack_batch"):
         module.unpack_batch((torch.randn(2, 40), torch.zeros(2), torch.zeros(2)))
+
+
+# ---------------------------------------------------------------------- the methods of issue 4 in the module
+def test_every_soft_loss_is_the_functional_one_with_the_module_settings():
+    from lightning_kd.losses import SOFT_LOSSES, compute_soft_loss, cross_entropy_loss
+
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    y = torch.tensor([1, 2, 3, -100, 5, 6])  # one unlabeled row
+    options = {"dkd": {"beta": 4.0}, "dist": {"gamma": 0.5}, "jsd": {"beta": 0.2}, "skew_kl": {"skew": 0.3}}
+    for name in SOFT_LOSSES:
+        module = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=name, soft_loss_options=options.get(name),
+                                    temperature=2.0, alpha=0.7, standardize=True, soft_weight=0.5)
+        losses = module.distillation_loss(s, t, y)
+        # DKD needs a class for the unlabeled row: the teacher's top-1
+        classes = torch.where(y == -100, t.argmax(-1), y)
+        soft = compute_soft_loss(name, s, t, classes, temperature=2.0, standardize=True, options=options.get(name))
+        assert losses["soft"].item() == pytest.approx(soft.item(), rel=1e-6), name
+        expected = 0.5 * 0.7 * soft + 0.3 * cross_entropy_loss(s, y)
+        assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6), name
+
+
+def test_learned_temperature_moves_is_logged_and_cannot_be_annealed(tmp_path):
+    L.seed_everything(0)
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), learnable_temperature={"t_min": 1.0, "t_range": 10.0})
+    start = module.temperature
+    assert start == pytest.approx(4.0, rel=1e-6)
+    annealing = DistillationAnnealing(schedules={"grl_weight": Cosine(0.0, 1.0)})
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[annealing])
+    trainer.fit(module, loaders(n=64, batch=16)[0])
+    assert module.temperature != pytest.approx(start, abs=1e-4)  # learned
+    logged = trainer.callback_metrics["train/temperature"].item()  # the last step's, before its optimizer step
+    assert logged != pytest.approx(start, abs=1e-4) and logged == pytest.approx(module.temperature, abs=1e-2)
+    assert any(p is module.temperature_model.theta for g in trainer.optimizers[0].param_groups for p in g["params"])
+    with pytest.raises(RuntimeError, match="The temperature is learned"):
+        module.temperature = 2.0
+    with pytest.raises(ValueError, match="needs a soft loss with a temperature"):
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss="mse", learnable_temperature=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"soft_loss": "dkd", "soft_loss_options": {"gamma": 1.0}}, ValueError, r"Unknown `soft_loss_options` \['gamma'\]"),
+        ({"soft_weight": -1.0}, ValueError, "Expected `soft_weight` to be >= 0"),
+    ],
+)
+def test_bad_method_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs)

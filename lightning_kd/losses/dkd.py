@@ -86,9 +86,11 @@ def dkd_loss(
     check_temperature(temperature)
     check_class_targets(student_logits, targets, "dkd_loss")
     labeled = targets != IGNORE_INDEX
-    valid = labeled if mask is None else labeled & mask.to(torch.bool)
     if mask is not None and mask.shape != labeled.shape:
-        raise ValueError(f"Expected `mask` of shape {tuple(labeled.shape)}, but got {tuple(mask.shape)}.")
+        raise ValueError(
+            f"Expected `mask` of shape {tuple(labeled.shape)} (the logits without their last dimension), but got {tuple(mask.shape)}."
+        )
+    valid = labeled if mask is None else labeled & mask.to(torch.bool)
     classes = torch.arange(student_logits.shape[-1], device=targets.device)
     is_target = targets.clamp(min=0).unsqueeze(-1) == classes  # (..., C); unlabeled rows: any class, masked out
     binary_s, others_s = _split(log_probs(student_logits, temperature, standardize=standardize), is_target)

@@ -1,0 +1,332 @@
+"""The logit family against independent float64 references (explicit loops over positions and classes)."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_kd.losses import (
+    LearnableTemperature,
+    check_soft_loss,
+    compute_soft_loss,
+    dist_loss,
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    reverse_gradient,
+    reverse_kl_loss,
+    skew_kl_loss,
+    soft_mse_loss,
+    standardize_logits,
+)
+
+SHAPES = [(8, 10), (3, 5, 7), (2, 3)]
+
+
+# ------------------------------------------------------------------ float64 references
+def rows(x):
+    return x.double().reshape(-1, x.shape[-1]).tolist()
+
+
+def softmax(row, T, standardize=False):
+    if standardize:
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        row = [(v - mean) / (std + 1e-7) for v in row]
+    top = max(row)
+    e = [math.exp((v - top) / T) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def average(values, mask, T, t2=True):
+    m = [True] * len(values) if mask is None else mask.reshape(-1).tolist()
+    kept = [v for v, keep in zip(values, m) if keep]
+    value = sum(kept) / max(len(kept), 1)
+    return value * T * T if t2 else value
+
+
+def ref_pointwise(s, t, T, fn, mask=None, standardize=False, t2=True):
+    values = [fn(softmax(a, T, standardize), softmax(b, T, standardize)) for a, b in zip(rows(s), rows(t))]
+    return average(values, mask, T, t2)
+
+
+def ref_reverse(ps, pt):
+    return kl(ps, pt)
+
+
+def ref_jsd(beta):
+    def fn(ps, pt):
+        m = [beta * a + (1 - beta) * b for a, b in zip(pt, ps)]
+        return beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+
+    return fn
+
+
+def ref_skew(skew):
+    def fn(ps, pt):
+        return kl(pt, [skew * a + (1 - skew) * b for a, b in zip(pt, ps)])
+
+    return fn
+
+
+def ref_dkd(s, t, targets, alpha, beta, T, mask=None, standardize=False):
+    values, keep = [], []
+    m = [True] * len(rows(s)) if mask is None else mask.reshape(-1).tolist()
+    for a, b, y, ok in zip(rows(s), rows(t), targets.reshape(-1).tolist(), m):
+        if y == -100 or not ok:
+            continue
+        ps, pt = softmax(a, T, standardize), softmax(b, T, standardize)
+        tckd = kl([pt[y], 1 - pt[y]], [ps[y], 1 - ps[y]])
+        others_s = [v / (1 - ps[y]) for c, v in enumerate(ps) if c != y]
+        others_t = [v / (1 - pt[y]) for c, v in enumerate(pt) if c != y]
+        values.append(alpha * tckd + beta * kl(others_t, others_s))
+        keep.append(True)
+    return average(values, None, T)
+
+
+def pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+    den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b))
+    return num / max(den, 1e-8)
+
+
+def ref_dist(s, t, beta, gamma, T, mask=None):
+    m = [True] * len(rows(s)) if mask is None else mask.reshape(-1).tolist()
+    ps = [softmax(a, T) for a, ok in zip(rows(s), m) if ok]
+    pt = [softmax(b, T) for b, ok in zip(rows(t), m) if ok]
+    inter = 1 - sum(pearson(a, b) for a, b in zip(ps, pt)) / len(ps)
+    cols = range(len(ps[0]))
+    intra = 1 - sum(pearson([r[c] for r in ps], [r[c] for r in pt]) for c in cols) / len(ps[0])
+    return (beta * inter + gamma * intra) * T * T
+
+
+def logits(shape, scale=3.0):
+    return torch.randn(shape) * scale
+
+
+# ------------------------------------------------------------------ the divergences
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_reverse_kl_jsd_skew_match_float64_references(shape, T):
+    s, t = logits(shape), logits(shape)
+    approx = dict(rel=1e-5, abs=1e-6)
+    assert reverse_kl_loss(s, t, temperature=T).item() == pytest.approx(ref_pointwise(s, t, T, ref_reverse), **approx)
+    for beta in (0.1, 0.5, 0.9):
+        assert jsd_loss(s, t, beta=beta, temperature=T).item() == pytest.approx(ref_pointwise(s, t, T, ref_jsd(beta)), **approx)
+    for skew in (0.0, 0.1, 0.5):
+        assert skew_kl_loss(s, t, skew=skew, temperature=T).item() == pytest.approx(ref_pointwise(s, t, T, ref_skew(skew)), **approx)
+
+
+def test_divergences_with_a_mask_average_valid_positions_only():
+    s, t = logits((4, 6, 9)), logits((4, 6, 9))
+    mask = torch.rand(4, 6) > 0.5
+    mask[0, 0] = True
+    approx = dict(rel=1e-5, abs=1e-6)
+    assert reverse_kl_loss(s, t, temperature=2.0, mask=mask).item() == pytest.approx(
+        ref_pointwise(s, t, 2.0, ref_reverse, mask), **approx
+    )
+    assert jsd_loss(s, t, beta=0.3, mask=mask).item() == pytest.approx(ref_pointwise(s, t, 1.0, ref_jsd(0.3), mask), **approx)
+    assert skew_kl_loss(s, t, skew=0.2, mask=mask).item() == pytest.approx(ref_pointwise(s, t, 1.0, ref_skew(0.2), mask), **approx)
+    # what is masked does not matter
+    s2 = torch.where(mask.unsqueeze(-1), s, torch.randn_like(s) * 50)
+    assert jsd_loss(s2, t, beta=0.3, mask=mask).item() == pytest.approx(jsd_loss(s, t, beta=0.3, mask=mask).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", [reverse_kl_loss, jsd_loss, skew_kl_loss])
+def test_divergences_bf16_inputs_upcast_and_all_masked_is_a_connected_zero(fn):
+    s, t = logits((16, 10)).bfloat16(), logits((16, 10)).bfloat16()
+    out = fn(s, t, temperature=2.0)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(fn(s.float(), t.float(), temperature=2.0).item(), rel=1e-6)
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    zero = fn(x, torch.randn(2, 3, 5), mask=torch.zeros(2, 3, dtype=torch.bool))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.all(x.grad == 0)
+
+
+def test_special_cases_skew_zero_is_kl_and_jsd_limits_are_forward_and_reverse_kl():
+    s, t = logits((6, 8), scale=1.0), logits((6, 8), scale=1.0)
+    assert skew_kl_loss(s, t, skew=0.0, temperature=2.0).item() == pytest.approx(kd_loss(s, t, 2.0).item(), rel=1e-6)
+    small = 1e-3  # the limits are approached linearly in beta; float32 cancellation limits how small it can go
+    assert (jsd_loss(s, t, beta=small) / small).item() == pytest.approx(kd_loss(s, t, 1.0).item(), rel=1e-2)
+    assert (jsd_loss(s, t, beta=1 - small) / small).item() == pytest.approx(reverse_kl_loss(s, t).item(), rel=1e-2)
+    assert jsd_loss(s, s.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_teacher_zero_probability_classes_give_finite_gradients_for_jsd_and_skew():
+    t = torch.tensor([[0.0, 1.0, float("-inf")]])
+    s = torch.tensor([[0.5, 0.2, 0.1]], requires_grad=True)
+    for fn in (jsd_loss, skew_kl_loss):
+        s.grad = None
+        out = fn(s, t)
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+
+
+def test_divergences_gradcheck_in_float64():
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64)
+    # float32 math inside: loose tolerances, the check is that the gradient is the loss's own
+    for fn in (lambda a: reverse_kl_loss(a, t), lambda a: jsd_loss(a, t), lambda a: skew_kl_loss(a, t)):
+        torch.autograd.gradcheck(fn, (s,), eps=1e-3, atol=1e-3, rtol=1e-2)
+
+
+# ------------------------------------------------------------------ DKD
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_matches_float64_reference(shape, T):
+    s, t = logits(shape), logits(shape)
+    targets = torch.randint(0, shape[-1], shape[:-1])
+    for alpha, beta in ((1.0, 8.0), (0.5, 2.0)):
+        expected = ref_dkd(s, t, targets, alpha, beta, T)
+        assert dkd_loss(s, t, targets, alpha=alpha, beta=beta, temperature=T).item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_dkd_skips_unlabeled_and_masked_positions():
+    s, t = logits((3, 4, 6)), logits((3, 4, 6))
+    targets = torch.randint(0, 6, (3, 4))
+    targets[0, 1] = -100
+    mask = torch.rand(3, 4) > 0.3
+    mask[1, 1] = True
+    expected = ref_dkd(s, t, targets, 1.0, 8.0, 4.0, mask=mask)
+    assert dkd_loss(s, t, targets, mask=mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dkd_decomposition_special_cases():
+    s, t = logits((10, 7)), logits((10, 7))
+    y = torch.randint(0, 7, (10,))
+    # beta=0, alpha=1: the TCKD part alone, a binary KL on (p_y, 1 - p_y)
+    ps, pt = torch.softmax(s.double() / 2, -1), torch.softmax(t.double() / 2, -1)
+    b_s = torch.stack([ps[range(10), y], 1 - ps[range(10), y]], -1)
+    b_t = torch.stack([pt[range(10), y], 1 - pt[range(10), y]], -1)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum(-1).mean() * 4
+    assert dkd_loss(s, t, y, alpha=1.0, beta=0.0, temperature=2.0).item() == pytest.approx(tckd.item(), rel=1e-5)
+    # KD = TCKD + (1 - p^t_y) NCKD, per sample (the paper's equation 1): one sample at a time
+    for i in range(3):
+        one = slice(i, i + 1)
+        nckd = dkd_loss(s[one], t[one], y[one], alpha=0.0, beta=1.0, temperature=2.0)
+        tck = dkd_loss(s[one], t[one], y[one], alpha=1.0, beta=0.0, temperature=2.0)
+        kd = kd_loss(s[one], t[one], 2.0)
+        assert kd.item() == pytest.approx((tck + (1 - pt[i, y[i]].item()) * nckd).item(), rel=1e-5)
+
+
+def test_dkd_bf16_and_errors():
+    s, t = logits((8, 5)).bfloat16(), logits((8, 5)).bfloat16()
+    y = torch.randint(0, 5, (8,))
+    out = dkd_loss(s, t, y)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(ref_dkd(s.float(), t.float(), y, 1.0, 8.0, 4.0), rel=1e-5)
+    with pytest.raises(TypeError, match="integer class indices"):
+        dkd_loss(s, t, y.float())
+    with pytest.raises(ValueError, match=r"targets in \[0, 5\)"):
+        dkd_loss(s, t, torch.full((8,), 5))
+    with pytest.raises(ValueError, match="Expected `mask` of shape"):
+        dkd_loss(s, t, y, mask=torch.ones(3, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ DIST
+@pytest.mark.parametrize("shape", [(8, 10), (3, 5, 7)])
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dist_matches_float64_reference(shape, T):
+    s, t = logits(shape), logits(shape)
+    assert dist_loss(s, t, beta=2.0, gamma=0.5, temperature=T).item() == pytest.approx(
+        ref_dist(s, t, 2.0, 0.5, T), rel=1e-5, abs=1e-6
+    )
+    mask = torch.rand(shape[:-1]) > 0.3
+    mask.view(-1)[:2] = True
+    assert dist_loss(s, t, temperature=T, mask=mask).item() == pytest.approx(ref_dist(s, t, 1.0, 1.0, T, mask), rel=1e-5, abs=1e-6)
+
+
+def test_dist_is_invariant_to_what_kd_is_not():
+    s, t = logits((16, 10)), logits((16, 10))
+    assert dist_loss(t, t.clone()).item() == pytest.approx(0.0, abs=1e-5)
+    x = torch.randn(2, 3, requires_grad=True)
+    zero = dist_loss(x, torch.randn(2, 3), mask=torch.zeros(2, dtype=torch.bool))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.all(x.grad == 0)
+
+
+# ------------------------------------------------------------------ standardisation
+def test_standardize_is_a_zscore_and_applies_to_every_logit_loss():
+    s, t = logits((6, 8)), logits((6, 8)) * 10 + 3
+    z = standardize_logits(s).double()
+    assert torch.allclose(z.mean(-1), torch.zeros(6, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(z.std(-1), torch.ones(6, dtype=torch.float64), atol=1e-5)
+    # scale and shift of the teacher's logits no longer matter
+    assert kd_loss(s, t, 2.0, standardize=True).item() == pytest.approx(
+        kd_loss(s, (t - 3) / 10, 2.0, standardize=True).item(), rel=1e-5
+    )
+    expected = ref_pointwise(s, t, 2.0, lambda ps, pt: kl(pt, ps), standardize=True)
+    assert kd_loss(s, t, 2.0, standardize=True).item() == pytest.approx(expected, rel=1e-5)
+    assert reverse_kl_loss(s, t, temperature=2.0, standardize=True).item() == pytest.approx(
+        ref_pointwise(s, t, 2.0, ref_reverse, standardize=True), rel=1e-5
+    )
+    y = torch.randint(0, 8, (6,))
+    assert dkd_loss(s, t, y, standardize=True).item() == pytest.approx(ref_dkd(s, t, y, 1.0, 8.0, 4.0, standardize=True), rel=1e-5)
+    zs, zt = standardize_logits(s), standardize_logits(t)
+    assert soft_mse_loss(s, t, standardize=True).item() == pytest.approx(soft_mse_loss(zs, zt).item(), rel=1e-6)
+    assert dist_loss(s, t, standardize=True).item() == pytest.approx(dist_loss(zs, zt).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------ the registry
+def test_compute_soft_loss_dispatches_with_the_shared_settings_and_checks_options():
+    s, t, y = logits((5, 6)), logits((5, 6)), torch.randint(0, 6, (5,))
+    assert compute_soft_loss("dkd", s, t, y, temperature=2.0, options={"beta": 3.0}).item() == pytest.approx(
+        dkd_loss(s, t, y, beta=3.0, temperature=2.0).item()
+    )
+    assert compute_soft_loss("jsd", s, t, temperature=2.0, scale_by_t2=False, options={"beta": 0.2}).item() == pytest.approx(
+        jsd_loss(s, t, beta=0.2, temperature=2.0, scale_by_t2=False).item()
+    )
+    with pytest.raises(ValueError, match=r"Unknown `soft_loss_options` \['gamma'\] for soft_loss='dkd'. Expected any of: alpha, beta"):
+        check_soft_loss("dkd", {"gamma": 1.0})
+    with pytest.raises(ValueError, match="Unknown `soft_loss` 'kld'. Expected one of kl, mse, reverse_kl, jsd, skew_kl, dkd, dist"):
+        check_soft_loss("kld", {})
+    with pytest.raises(ValueError, match="needs a target class"):
+        compute_soft_loss("dkd", s, t, None)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda s, t: jsd_loss(s, t, beta=0.0), r"Expected `beta` to be in \(0, 1\), but got 0.0"),
+        (lambda s, t: skew_kl_loss(s, t, skew=1.0), r"Expected `skew` to be in \[0, 1\), but got 1.0"),
+        (lambda s, t: reverse_kl_loss(s, t, temperature=0.0), "Expected `temperature` to be > 0"),
+        (lambda s, t: dist_loss(s, t[:, :3]), "same shape"),
+    ],
+)
+def test_bad_settings_name_the_setting(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 4), torch.randn(2, 4))
+
+
+# ------------------------------------------------------------------ CTKD
+def test_gradient_reversal_flips_and_scales_the_gradient():
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    y = reverse_gradient(x, 0.5)
+    assert torch.equal(y, x)
+    (3 * y).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([-1.5, -1.5]))
+
+
+def test_learnable_temperature_starts_where_asked_and_moves_against_the_loss():
+    module = LearnableTemperature(4.0, t_min=1.0, t_range=20.0)
+    assert module().item() == pytest.approx(4.0, rel=1e-6)
+    s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 3.0, 0.0]])
+    T = module(1.0)
+    loss = kd_loss(s, t, T)
+    loss.backward()
+    # gradient descent on theta moves T in the direction that *increases* the loss (reversed gradient)
+    with torch.no_grad():
+        stepped = LearnableTemperature(4.0)
+        stepped.theta -= 0.1 * module.theta.grad
+        assert kd_loss(s, t, stepped()).item() > loss.item()
+    module.theta.grad = None
+    kd_loss(s, t, module(0.0)).backward()
+    assert module.theta.grad.item() == 0.0
+    with pytest.raises(ValueError, match=r"initial temperature to be in \(1.0, 21.0\)"):
+        LearnableTemperature(0.5)
