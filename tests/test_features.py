@@ -295,3 +295,21 @@ def test_bad_ensemble_settings(kwargs, match):
 def test_teacher_weights_need_several_teachers():
     with pytest.raises(ValueError, match="`teacher_weights` is for several teachers"):
         DistillationModule(get_model("cnn1d"), get_model("mlp"), teacher_weights=[1.0])
+
+
+# ------------------------------------------------------------------ mixed precision
+def test_methods_combined_under_bf16_mixed_give_float32_losses_close_to_fp32():
+    """DKD + FitNet + a learned temperature + two teachers in one module, under CPU bf16 autocast."""
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        L.seed_everything(0)
+        teachers = [get_model("cnn1d").eval(), get_model("cnn1d").eval()]
+        module = DistillationModule(teachers, get_model("mlp"), soft_loss="dkd", learnable_temperature=True, alpha=0.5,
+                                    features={"fitnet": {"teacher_layers": ["0.features.3"], "student_layers": ["hidden.1"]}})
+        fit = trainer(precision=precision, max_steps=1, log_every_n_steps=1)
+        fit.fit(module, loader(n=16, batch_size=16))
+        metrics = fit.callback_metrics
+        assert metrics["train/soft_loss"].dtype == torch.float32
+        losses[precision] = {k: metrics[k].item() for k in ("train/soft_loss", "train/hard_loss", "train/feature_fitnet")}
+    for key, value in losses["32-true"].items():
+        assert losses["bf16-mixed"][key] == pytest.approx(value, rel=0.05), key  # bf16 matmuls, float32 loss math
