@@ -537,7 +537,7 @@ class DistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every trainable parameter outside the teacher: the student (and later, adapters)."""
+        """Every trainable parameter outside the teacher: the student, FitNet's adapters (once built) and a learned temperature."""
         return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("teacher.")]
 
     @override
