@@ -17,7 +17,7 @@ from lightning_kd.hooks import FeatureHooks, resolve_modules
 from lightning_kd.losses.feature import at_loss, build_adapter, fitnet_loss, rkd_loss
 
 FEATURE_LOSSES: dict[str, Callable[..., Tensor]] = {"fitnet": fitnet_loss, "at": at_loss, "rkd": rkd_loss}
-_TERM_KEYS = ("method", "teacher_layers", "student_layers", "weight")
+_TERM_KEYS = ("method", "teacher_layers", "student_layers", "weight", "adapter")
 
 
 class FeatureTerm:
@@ -41,6 +41,9 @@ class FeatureTerm:
                 f"but got {len(self.teacher_layers)} and {len(self.student_layers)}."
             )
         self.weight = float(spec.get("weight", 1.0))
+        self.adapter = spec.get("adapter", "auto")  # FitNet: auto | linear (last dim, e.g. (B, S, D)) | conv
+        if self.adapter not in ("auto", "linear", "conv"):
+            raise ValueError(f"Unknown `features[{key!r}].adapter` {self.adapter!r}. Expected one of auto, linear, conv.")
         self.options = {k: v for k, v in spec.items() if k not in _TERM_KEYS}
         allowed = [p for p in inspect.signature(FEATURE_LOSSES[self.method]).parameters][2:]
         unknown = sorted(set(self.options) - set(allowed))
@@ -75,7 +78,8 @@ class FeatureDistillation(nn.Module):
         student: the student (layer names relative to it).
         terms: ``{key: {"method": "fitnet" | "at" | "rkd" (default: the key), "teacher_layers": [...],
             "student_layers": [...], "weight": 1.0, **loss options}}``; layers pair up in order and a
-            term sums its pairs.
+            term sums its pairs. FitNet also takes ``"adapter": "auto" | "linear" | "conv"``
+            (``linear`` for channels-last features such as hidden states ``(B, S, D)``).
 
     Raises:
         ValueError: for an unknown method, option or layer name (with close matches), or unpaired layers.
@@ -125,6 +129,7 @@ class FeatureDistillation(nn.Module):
 
     def build_adapters(self, shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None) -> None:
         """Build FitNet's adapters from the shapes captured by the last forward of both models (or ``shapes``)."""
+        kinds = {term.adapter_key(i): term.adapter for term in self.terms for i in range(len(term.teacher_layers))}
         if shapes is None:
             shapes = {}
             for term in self.terms:
@@ -135,7 +140,7 @@ class FeatureDistillation(nn.Module):
                             list(self._hooks["teacher"][t_layer].shape),
                         )
         for key, (student_shape, teacher_shape) in shapes.items():
-            self.adapters[key] = build_adapter(student_shape, teacher_shape)
+            self.adapters[key] = build_adapter(student_shape, teacher_shape, kinds.get(key, "auto"))
             self.adapter_shapes[key] = (list(student_shape), list(teacher_shape))
 
     # -------------------------------------------------------------- losses

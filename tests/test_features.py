@@ -313,3 +313,38 @@ def test_methods_combined_under_bf16_mixed_give_float32_losses_close_to_fp32():
         losses[precision] = {k: metrics[k].item() for k in ("train/soft_loss", "train/hard_loss", "train/feature_fitnet")}
     for key, value in losses["32-true"].items():
         assert losses["bf16-mixed"][key] == pytest.approx(value, rel=0.05), key  # bf16 matmuls, float32 loss math
+
+
+def test_a_linear_adapter_maps_channels_last_hidden_states():
+    adapter = build_adapter((4, 7, 16), (4, 7, 32), "linear")  # (B, S, D): a transformer's hidden states
+    assert isinstance(adapter, nn.Linear) and adapter(torch.randn(4, 7, 16)).shape == (4, 7, 32)
+    with pytest.raises(ValueError, match="maps the last dimension only"):
+        build_adapter((4, 7, 16), (4, 9, 32), "linear")
+    with pytest.raises(ValueError, match="Unknown adapter 'mlp'"):
+        build_adapter((4, 16), (4, 32), "mlp")
+
+
+def test_fitnet_with_a_linear_adapter_on_sequence_features():
+    class Seq(nn.Module):  # (B, S) token ids -> hidden states (B, S, D) -> logits (B, S, V)
+        def __init__(self, width):
+            super().__init__()
+            self.embed, self.body, self.head = nn.Embedding(11, width), nn.Linear(width, width), nn.Linear(width, 11)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.body(self.embed(ids))))
+
+    teacher, student = Seq(32), Seq(8)
+    module = DistillationModule(teacher, student, features={
+        "fitnet": {"teacher_layers": ["body"], "student_layers": ["body"], "adapter": "linear"}})
+    module.example_input_array = torch.randint(0, 11, (2, 5))
+    module.setup("fit")
+    adapter = module.feature_distillation.adapters["fitnet_0"]
+    assert isinstance(adapter, nn.Linear) and (adapter.in_features, adapter.out_features) == (8, 32)
+    ids = torch.randint(0, 11, (3, 5))
+    module.teacher_forward(ids), module.student_forward(ids)
+    value = module.feature_distillation.losses()["fitnet"]
+    expected = fitnet_loss(adapter(student.body(student.embed(ids))), teacher.body(teacher.embed(ids)))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    module.teardown("fit")
+    with pytest.raises(ValueError, match="Unknown `features\\['fitnet'\\].adapter` 'dense'"):
+        DistillationModule(teacher, student, features={"fitnet": {"teacher_layers": ["body"], "student_layers": ["body"], "adapter": "dense"}})

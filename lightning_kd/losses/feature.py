@@ -8,7 +8,7 @@ argument order ``(student_feature, teacher_feature)``, float32 math. Features ar
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,26 +52,46 @@ def fitnet_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     return F.mse_loss(student_feature.float(), teacher_feature.float())
 
 
-def build_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int]) -> nn.Module:
+def build_adapter(
+    student_shape: Sequence[int], teacher_shape: Sequence[int], kind: Literal["auto", "linear", "conv"] = "auto"
+) -> nn.Module:
     """The FitNet regressor from a student feature's shape to a teacher feature's (batch dimension included).
+
+    ``kind="auto"`` (channels first, as conv nets have them):
 
     - ``(B, Cs)`` -> ``(B, Ct)``: ``Linear(Cs, Ct)``.
     - ``(B, Cs, *S)`` -> ``(B, Ct, *S)`` (1-, 2- or 3-D maps of equal size): a 1×1 convolution.
     - Maps of another size: the 1×1 convolution, then adaptive average pooling to the teacher's size.
     - Features of different ranks (an MLP's vector against a CNN's map): flatten, ``Linear``, and
       reshape to the teacher's shape.
+
+    ``kind="linear"``: ``Linear`` on the **last** dimension, for channels-last features such as a
+    transformer's hidden states ``(B, S, Ds)`` -> ``(B, S, Dt)``. ``kind="conv"``: the 1×1 convolution.
+
+    Raises:
+        ValueError: for shapes without a batch dimension, an unknown ``kind``, or shapes that ``kind``
+            cannot map (``linear`` needs equal leading dimensions, ``conv`` equal ranks of at most 5).
     """
     student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+    if kind not in ("auto", "linear", "conv"):
+        raise ValueError(f"Unknown adapter {kind!r}. Expected one of auto, linear, conv.")
     if len(student_shape) < 2 or len(teacher_shape) < 2:
         raise ValueError(f"Expected features with a batch dimension, but got shapes {student_shape} and {teacher_shape}.")
-    if len(student_shape) == len(teacher_shape) == 2:
-        return nn.Linear(student_shape[1], teacher_shape[1])
-    if len(student_shape) == len(teacher_shape) and len(student_shape) <= 5:
+    if kind == "linear" or (kind == "auto" and len(student_shape) == len(teacher_shape) == 2):
+        if student_shape[:-1] != teacher_shape[:-1]:
+            raise ValueError(
+                f"A linear adapter maps the last dimension only, but the features {student_shape} and {teacher_shape} "
+                "differ before it. Use adapter: auto or conv."
+            )
+        return nn.Linear(student_shape[-1], teacher_shape[-1])
+    if len(student_shape) == len(teacher_shape) and 3 <= len(student_shape) <= 5:
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(student_shape) - 3](student_shape[1], teacher_shape[1], kernel_size=1)
         if student_shape[2:] == teacher_shape[2:]:
             return conv
         pool = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[len(student_shape) - 3](teacher_shape[2:])
         return nn.Sequential(conv, pool)
+    if kind == "conv":
+        raise ValueError(f"A conv adapter needs feature maps of equal rank 3 to 5, but got {student_shape} and {teacher_shape}.")
     return nn.Sequential(
         nn.Flatten(), nn.Linear(math.prod(student_shape[1:]), math.prod(teacher_shape[1:])), nn.Unflatten(1, teacher_shape[1:])
     )
