@@ -9,7 +9,6 @@ from typing import Any, Callable, Literal, Mapping
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -20,16 +19,15 @@ from lightning_kd.data.augment import Augmentation
 from lightning_kd.data.indexed import CachedBatch
 from lightning_kd.data.soft_targets import SoftTargetStore, open_store
 from lightning_kd.features import FeatureDistillation
+from lightning_kd.metrics import DistillationMetrics
 from lightning_kd.losses import (
     IGNORE_INDEX,
     NEEDS_TARGETS,
     LearnableTemperature,
     TopKLogits,
     check_soft_loss,
-    check_teacher,
     compute_soft_loss,
     get_hard_loss,
-    kl_per_position,
 )
 from lightning_kd.losses._reduction import check_temperature
 from lightning_kd.losses.hard import HardLoss
@@ -37,16 +35,6 @@ from lightning_kd.teachers import TeacherEnsemble, cast_inputs, extract_logits, 
 from lightning_kd.weights import load_weights
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
-METRIC_NAMES = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
-
-# Epoch metrics are torchmetrics, computed (and reduced across ranks) by every rank at the same point
-# in the epoch-end hooks; they are then logged as plain tensors without `sync_dist`, which Lightning
-# flags under DDP. `sync_dist=True` would instead reduce lazily, whenever rank 0's progress bar asks:
-# a collective the other ranks never join, i.e. a deadlock. Silence exactly the flag on our names.
-warnings.filterwarnings(
-    "ignore",
-    message=r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'",
-)
 LR_SCHEDULERS = ("cosine",)
 Teachers = nn.Module | list[nn.Module] | dict[str, nn.Module]
 
@@ -302,9 +290,7 @@ class DistillationModule(L.LightningModule):
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
 
-        keys = [f"{stage}_{name}" for stage in ("val", "test") for name in METRIC_NAMES]
-        keys += [f"train_{name}" for name in ("loss_epoch", "soft_loss_epoch", "hard_loss_epoch", "acc", "agreement", "mse")]
-        self.metrics = nn.ModuleDict({key: MeanMetric() for key in keys})
+        self.metrics = DistillationMetrics()
 
     # ------------------------------------------------------------------ settings the callback anneals
     @property
@@ -483,42 +469,12 @@ class DistillationModule(L.LightningModule):
         return self.hard_loss_fn(student_out, targets)
 
     def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> None:
-        m = self.metrics
-        s = student_out.detach().float()
-        t = teacher_out
-        if isinstance(t, Tensor):
-            t = t.detach().float()
-        if t is not None:
-            check_teacher(s, t)  # before any metric compares them (the sanity check runs validation first)
-        top1 = None if t is None else (t.top1() if isinstance(t, TopKLogits) else t.argmax(-1))
-        if t is not None and self.soft_loss != "mse":
-            m[f"{stage}_agreement"].update((s.argmax(-1) == top1).float().flatten())
-            if stage != "train":
-                m[f"{stage}_kl"].update(kl_per_position(s, t, 1.0).flatten())
-        if targets is None:
-            return
-        if targets.is_floating_point():  # regression
-            labeled = ~torch.isnan(targets).any(dim=-1)
-            m[f"{stage}_mse"].update((s - targets).pow(2).mean(-1)[labeled])
-            if t is not None and stage != "train":
-                m[f"{stage}_teacher_mse"].update((t - targets).pow(2).mean(-1)[labeled])
-            return
-        labeled = targets != IGNORE_INDEX
-        m[f"{stage}_acc"].update((s.argmax(-1) == targets)[labeled].float())
-        if t is not None and stage != "train":
-            m[f"{stage}_teacher_acc"].update((top1 == targets)[labeled].float())
+        self.metrics.accumulate(stage, student_out, teacher_out, targets, compare=self.soft_loss != "mse")
 
     def _log_metrics(self, stage: str) -> None:
-        for key, metric in self.metrics.items():
-            prefix, name = key.split("_", 1)
-            if prefix != stage or metric.update_count == 0:
-                continue
-            if name.startswith("teacher_") and stage == "val":
-                if self._teacher_acc_logged or self.trainer.sanity_checking:
-                    metric.reset()
-                    continue  # the frozen teacher's accuracy is logged once
-            value = metric.compute()
-            metric.reset()
+        # the frozen teacher's validation accuracy is logged once (not during the sanity check)
+        skip = stage == "val" and (self._teacher_acc_logged or self.trainer.sanity_checking)
+        for name, value in self.metrics.compute(stage, skip_teacher=skip).items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking and self.teacher is not None:
             self._teacher_acc_logged = True
