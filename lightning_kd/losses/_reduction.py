@@ -65,6 +65,26 @@ def check_temperature(temperature: Temperature) -> None:
         raise ValueError(f"Expected `temperature` to be > 0, but got {temperature}.")
 
 
+def check_mask(mask: Tensor, shape: torch.Size) -> None:
+    """Raise a clear error when ``mask`` does not have ``shape`` (the logits without their last dimension)."""
+    if mask.shape != shape:
+        raise ValueError(
+            f"Expected `mask` of shape {tuple(shape)} (the logits without their last dimension), but got {tuple(mask.shape)}."
+        )
+
+
+def log_prob_pair(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: Temperature, standardize: bool
+) -> tuple[Tensor, Tensor]:
+    """Checked, float32 ``(log p_s, log p_t)`` at temperature ``T``: the start of every full-logit loss."""
+    check_pair(student_logits, teacher_logits)
+    check_temperature(temperature)
+    return (
+        log_probs(student_logits, temperature, standardize=standardize),
+        log_probs(teacher_logits, temperature, standardize=standardize),
+    )
+
+
 def masked_mean(per_position: Tensor, mask: Tensor | None, like: Tensor) -> Tensor:
     """Mean of ``per_position`` over the positions where ``mask`` is True.
 
@@ -76,11 +96,7 @@ def masked_mean(per_position: Tensor, mask: Tensor | None, like: Tensor) -> Tens
     """
     if mask is None:
         return per_position.mean()
-    if mask.shape != per_position.shape:
-        raise ValueError(
-            f"Expected `mask` of shape {tuple(per_position.shape)} (the logits without their last "
-            f"dimension), but got {tuple(mask.shape)}."
-        )
+    check_mask(mask, per_position.shape)
     mask = mask.to(torch.bool)
     count = mask.sum()
     total = torch.where(mask, per_position, torch.zeros_like(per_position)).sum()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, log_probs, masked_mean, scale_by_temperature
+from lightning_kd.losses._reduction import Temperature, log_prob_pair, masked_mean, scale_by_temperature
 
 
 def pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -68,10 +68,8 @@ def dist_loss(
         >>> round(dist_loss(s, t).item(), 4)
         2.2669
     """
-    check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
-    p_s = log_probs(student_logits, temperature, standardize=standardize).exp()
-    p_t = log_probs(teacher_logits, temperature, standardize=standardize).exp()
+    log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
+    p_s, p_t = log_p_s.exp(), log_p_t.exp()
     inter = masked_mean(1.0 - pearson(p_s, p_t), mask, student_logits)
     rows_s, rows_t = p_s.reshape(-1, p_s.shape[-1]), p_t.reshape(-1, p_t.shape[-1])  # (N, C)
     if mask is not None:

@@ -26,16 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature
-
-
-def _log_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: Temperature, standardize: bool) -> tuple[Tensor, Tensor]:
-    check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
-    return (
-        log_probs(student_logits, temperature, standardize=standardize),
-        log_probs(teacher_logits, temperature, standardize=standardize),
-    )
+from lightning_kd.losses._reduction import Temperature, kl_sum, log_prob_pair, masked_mean, scale_by_temperature
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
@@ -92,7 +83,7 @@ def reverse_kl_loss(
         >>> round(reverse_kl_loss(s, t).item(), 4)
         1.1504
     """
-    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     return _finish(kl_sum(log_p_s, log_p_t), mask, student_logits, temperature, scale_by_t2)
 
 
@@ -141,7 +132,7 @@ def jsd_loss(
         0.2476
     """
     _check_unit("beta", beta, low_open=True, high_open=True)
-    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     log_m = _log_mixture(log_p_t, log_p_s, beta)
     per_position = beta * kl_sum(log_p_t, log_m) + (1.0 - beta) * kl_sum(log_p_s, log_m)
     return _finish(per_position, mask, student_logits, temperature, scale_by_t2)
@@ -190,6 +181,6 @@ def skew_kl_loss(
         0.8299
     """
     _check_unit("skew", skew, low_open=False, high_open=True)
-    log_p_s, log_p_t = _log_pair(student_logits, teacher_logits, temperature, standardize)
+    log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     log_m = _log_mixture(log_p_t, log_p_s, skew)
     return _finish(kl_sum(log_p_t, log_m), mask, student_logits, temperature, scale_by_t2)

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature
+from lightning_kd.losses._reduction import Temperature, check_mask, kl_sum, log_prob_pair, masked_mean, scale_by_temperature
 from lightning_kd.losses.hard import IGNORE_INDEX, check_class_targets
 
 
@@ -82,19 +82,16 @@ def dkd_loss(
         >>> round(dkd_loss(s, t, torch.tensor([0]), alpha=1.0, beta=0.0, temperature=1.0).item(), 4)
         0.9957
     """
-    check_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
+    log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     check_class_targets(student_logits, targets, "dkd_loss")
     labeled = targets != IGNORE_INDEX
-    if mask is not None and mask.shape != labeled.shape:
-        raise ValueError(
-            f"Expected `mask` of shape {tuple(labeled.shape)} (the logits without their last dimension), but got {tuple(mask.shape)}."
-        )
+    if mask is not None:
+        check_mask(mask, labeled.shape)
     valid = labeled if mask is None else labeled & mask.to(torch.bool)
     classes = torch.arange(student_logits.shape[-1], device=targets.device)
     is_target = targets.clamp(min=0).unsqueeze(-1) == classes  # (..., C); unlabeled rows: any class, masked out
-    binary_s, others_s = _split(log_probs(student_logits, temperature, standardize=standardize), is_target)
-    binary_t, others_t = _split(log_probs(teacher_logits, temperature, standardize=standardize), is_target)
+    binary_s, others_s = _split(log_p_s, is_target)
+    binary_t, others_t = _split(log_p_t, is_target)
     per_position = alpha * kl_sum(binary_t, binary_s) + beta * kl_sum(others_t, others_s)
     loss = masked_mean(per_position, valid, student_logits)
     return scale_by_temperature(loss, temperature, scale_by_t2)
