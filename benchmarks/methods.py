@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 SEEDS = "0,1,2"
@@ -39,8 +39,6 @@ class Row:
     student: str = "mlp"
     columns: tuple[str, ...] = (SAME, TRANSFER)
     scratch: bool = False
-    note: str = ""
-    extra: list[str] = field(default_factory=list)
 
 
 def rows(teacher_2: str) -> list[Row]:

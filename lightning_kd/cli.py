@@ -237,15 +237,12 @@ def build_module(
     if teacher_checkpoint is None:
         raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
     if cfg.teacher.get("extra"):  # several teachers: their weights are loaded here, the module gets the ensemble
-        teacher = build_teacher(cfg, teacher_checkpoint)
-        return module_class(cfg)(
-            teacher, student, teacher_dtype=cfg.speed.teacher_dtype, compile_teacher=cfg.speed.compile_teacher,
-            **distill, **common, **_recipe(cfg.student),
-        )
-    teacher = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
+        teacher, source = build_teacher(cfg, teacher_checkpoint), {}
+    else:  # one teacher: the module loads it and records where from (for `load_from_checkpoint`)
+        teacher, source = hydra.utils.instantiate(cfg.teacher.model, _convert_="all"), {"teacher_checkpoint": str(teacher_checkpoint)}
     return module_class(cfg)(
-        teacher, student, teacher_checkpoint=str(teacher_checkpoint), teacher_dtype=cfg.speed.teacher_dtype,
-        compile_teacher=cfg.speed.compile_teacher, **distill, **common, **_recipe(cfg.student),
+        teacher, student, **source, teacher_dtype=cfg.speed.teacher_dtype, compile_teacher=cfg.speed.compile_teacher,
+        **distill, **common, **_recipe(cfg.student),
     )
 
 

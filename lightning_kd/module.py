@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning.pytorch.utilities import CombinedLoader
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_kd import batch as batch_utils
@@ -644,8 +645,6 @@ def _concat(parts: list[Tensor | TopKLogits]) -> Tensor | TopKLogits:
 
 def _first_batch(trainer: "L.Trainer") -> Any:
     """The first training batch, for the adapters' dry forward (before the fit loop has its dataloaders)."""
-    from lightning.pytorch.utilities import CombinedLoader
-
     if trainer.datamodule is not None:
         loader = trainer.datamodule.train_dataloader()
     else:

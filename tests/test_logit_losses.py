@@ -74,7 +74,7 @@ def ref_skew(skew):
 
 
 def ref_dkd(s, t, targets, alpha, beta, T, mask=None, standardize=False):
-    values, keep = [], []
+    values = []
     m = [True] * len(rows(s)) if mask is None else mask.reshape(-1).tolist()
     for a, b, y, ok in zip(rows(s), rows(t), targets.reshape(-1).tolist(), m):
         if y == -100 or not ok:
@@ -84,7 +84,6 @@ def ref_dkd(s, t, targets, alpha, beta, T, mask=None, standardize=False):
         others_s = [v / (1 - ps[y]) for c, v in enumerate(ps) if c != y]
         others_t = [v / (1 - pt[y]) for c, v in enumerate(pt) if c != y]
         values.append(alpha * tckd + beta * kl(others_t, others_s))
-        keep.append(True)
     return average(values, None, T)
 
 
