@@ -7,11 +7,57 @@ State-dict hooks rather than a ``state_dict()`` override: they also fire when th
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: empty, truncated, not a torch file, or holding pickled objects."""
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with one clear error for a bad file.
+
+    ``weights_only=True`` is passed explicitly, so no pickled code runs whatever torch's default or
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say: only tensors, containers and plain values load.
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``"teacher checkpoint"``, ``"resume checkpoint"``).
+
+    Raises:
+        FileNotFoundError: if ``path`` is not a file.
+        CheckpointError: if it is empty, truncated or not a torch file, or holds objects other than
+            tensors and plain values (a pickled payload is refused, never run).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"The {what} {str(path)!r} does not exist (or is not a file).")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"The {what} {str(path)!r} is empty (0 bytes): was it written to a full disk or copied partially?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"The {what} {str(path)!r} holds objects other than tensors and plain values, so it is refused: "
+            "lightning-kd loads checkpoints with `weights_only=True` and never unpickles code from a file. "
+            f"({str(err).splitlines()[-1] if str(err) else type(err).__name__})"
+        ) from err
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:
+            raise  # permissions, I/O errors: the file system's own message says it best
+        raise CheckpointError(
+            f"The {what} {str(path)!r} ({size} bytes) is truncated or not a torch checkpoint "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})."
+        ) from err
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+
 from torch import nn
+
+from lightning_kd.checkpoint import load_checkpoint
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -26,6 +29,8 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if the file is empty, truncated, not a torch file or holds pickled objects.
+        ValueError: if a weight or buffer holds NaN or Inf (a diverged run's checkpoint).
         RuntimeError: if no prefix holds all of the model's keys (listing what is missing), or shapes differ.
     """
     path = Path(path).expanduser()
@@ -34,7 +39,7 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
             f"Teacher/model checkpoint not found: {str(path)!r}. Expected a Lightning checkpoint or a state-dict "
             "file (e.g. the `checkpoints/last.ckpt` of a `lightning-kd task=teacher` run)."
         )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path, what="model checkpoint")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise RuntimeError(f"Expected {str(path)!r} to hold a state dict or a Lightning checkpoint, but got {type(checkpoint).__name__}.")
@@ -42,7 +47,9 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
     candidates = (prefix,) if prefix is not None else _PREFIXES
     for candidate in candidates:
         if all(candidate + key in state for key in wanted):
-            model.load_state_dict({key: state[candidate + key] for key in wanted})
+            weights = {key: state[candidate + key] for key in wanted}
+            _check_finite(weights, path)
+            model.load_state_dict(weights)
             return model
     sample = ", ".join(list(state)[:5])
     raise RuntimeError(
@@ -50,3 +57,18 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
         f"{len(wanted)} keys (first model key: {wanted[0]!r}; checkpoint keys start with: {sample}). Is it the right "
         "architecture? Pass `prefix=` if the weights live under another name."
     )
+
+
+def _check_finite(weights: dict[str, Any], path: Path) -> None:
+    """Refuse weights with NaN/Inf: a model that outputs NaN would otherwise "teach" NaN without a word."""
+    bad = {
+        key: int((~torch.isfinite(value)).sum())
+        for key, value in weights.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    }
+    if bad:
+        listed = ", ".join(f"{key} ({count})" for key, count in list(bad.items())[:5])
+        raise ValueError(
+            f"The checkpoint {str(path)!r} holds non-finite (NaN/Inf) values in {len(bad)} tensor(s): {listed}. "
+            "It comes from a run that diverged; use an earlier checkpoint of that run."
+        )
