@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # torch writes zip archives: anything else is damaged or not ours
+            raise CheckpointError(f"The {what} {str(path)!r} ({size} bytes) is truncated or not a torch checkpoint.") from err
         raise CheckpointError(
             f"The {what} {str(path)!r} holds objects other than tensors and plain values, so it is refused: "
             "lightning-kd loads checkpoints with `weights_only=True` and never unpickles code from a file. "

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
+from contextvars import ContextVar
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from pathlib import Path
+from typing import IO, Any, Callable, Literal, Mapping
 
 import lightning as L
 import torch
@@ -15,11 +19,12 @@ from lightning.pytorch.utilities import CombinedLoader
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from lightning_kd import batch as batch_utils
-from lightning_kd.checkpoint import allow_missing_teacher_keys, drop_teacher_keys, fingerprint
+from lightning_kd.checkpoint import CheckpointError, allow_missing_teacher_keys, drop_teacher_keys, fingerprint, load_checkpoint
 from lightning_kd.data.augment import Augmentation
 from lightning_kd.data.indexed import CachedBatch
 from lightning_kd.data.soft_targets import SoftTargetStore, open_store
 from lightning_kd.features import FeatureDistillation
+from lightning_kd.guards import ValueGuard
 from lightning_kd.metrics import DistillationMetrics
 from lightning_kd.losses import (
     IGNORE_INDEX,
@@ -185,6 +190,8 @@ class DistillationModule(L.LightningModule):
             raise TypeError(f"Expected `teacher` to be an nn.Module, a list/dict of them, or None, but got {type(teacher).__name__}.")
         if isinstance(teacher_dtype, Mapping):
             raise ValueError("A per-teacher `teacher_dtype` dict needs several teachers; give one teacher a dtype name.")
+        if teacher is not None:
+            _check_not_shared(teacher, student)
         soft_loss_options = dict(soft_loss_options or {})
         check_soft_loss(soft_loss, soft_loss_options)
         if isinstance(lr_scheduler, str) and lr_scheduler not in LR_SCHEDULERS:
@@ -255,7 +262,7 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.teacher = teacher
         if teacher is not None:
-            if teacher_checkpoint is not None:
+            if teacher_checkpoint is not None and not _skip_missing_teacher_file(teacher_checkpoint):
                 load_weights(teacher, teacher_checkpoint)
             teacher.requires_grad_(False)
             teacher.eval()
@@ -286,7 +293,7 @@ class DistillationModule(L.LightningModule):
                 self.soft_targets.check_teacher(fingerprint(teacher))
         self._teacher_fingerprint: str | None = None
         self._teacher_acc_logged = False
-        self._targets_checked = False
+        self._guard = ValueGuard()  # non-finite teacher outputs and losses, out-of-range targets
         self._eval_mode_guard: warnings.catch_warnings | None = None
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
@@ -385,9 +392,10 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     # ------------------------------------------------------------------ steps
-    def _forward(self, batch: Any, *, training: bool = False) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
+    def _forward(self, batch: Any, where: str, *, training: bool = False) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
         """``(inputs, targets, student_out, teacher_out)`` of a batch: one teacher forward per batch
-        (none when its outputs come from the soft-target store)."""
+        (none when its outputs come from the soft-target store). The teacher's outputs and the class
+        targets are checked here (``where`` names the batch in the errors)."""
         batch, cached = batch_utils.split_cached(batch)
         inputs, targets = self.unpack_batch(batch)
         if self.channels_last:
@@ -406,7 +414,24 @@ class DistillationModule(L.LightningModule):
             inputs = self._augment(inputs, cached)
         if teacher_out is None and self.teacher is not None:
             teacher_out = self.teacher_forward(inputs)
-        return inputs, targets, self.student_forward(inputs), teacher_out
+        if teacher_out is not None:
+            self._guard.check_teacher(teacher_out.values if isinstance(teacher_out, TopKLogits) else teacher_out, where)
+        student_out = self._student_forward_checked(inputs)
+        if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.shape == student_out.shape[:-1]:
+            self._guard.check_targets(targets, student_out.shape[-1], where)  # class indices: every batch
+        return inputs, targets, student_out, teacher_out
+
+    def _student_forward_checked(self, inputs: Any) -> Tensor:
+        try:
+            return self.student_forward(inputs)
+        except ValueError as err:
+            if "Expected more than 1 value per channel when training" not in str(err):
+                raise
+            raise ValueError(
+                f"A training batch holds a single sample ({err}), and the student's BatchNorm layers cannot "
+                "normalise one value per channel. Set `drop_last=True` on the training DataLoader (or choose a "
+                "batch size that does not leave a last batch of 1)."
+            ) from err
 
     def _augment(self, inputs: Any, cached: list[CachedBatch] | None) -> Tensor:
         if not isinstance(inputs, Tensor):
@@ -421,7 +446,8 @@ class DistillationModule(L.LightningModule):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, targets, student_out, teacher_out = self._forward(batch, training=True)
+        where = f"training step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
+        inputs, targets, student_out, teacher_out = self._forward(batch, where, training=True)
         losses = self.distillation_loss(student_out, teacher_out, targets)
         n = batch_utils.batch_size(inputs)
         if self.feature_distillation is not None:
@@ -440,39 +466,42 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=n)
             self.metrics[f"train_{name}_epoch"].update(value, weight=n)
         self._update_metrics("train", student_out, teacher_out, targets)
+        self._guard.check_loss(losses["loss"], where)
         return losses["loss"]
 
     @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._guard.maybe_flush(self.global_step)
+
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+        self._eval_step("val", batch, f"validation batch {batch_idx} (epoch {self.current_epoch})")
 
     @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step("test", batch)
+        self._eval_step("test", batch, f"test batch {batch_idx}")
 
     @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         inputs, _ = self.unpack_batch(batch)
         return self.student_forward(inputs)
 
-    def _eval_step(self, stage: str, batch: Any) -> None:
-        _, targets, student_out, teacher_out = self._forward(batch)
+    def _eval_step(self, stage: str, batch: Any, where: str) -> None:
+        _, targets, student_out, teacher_out = self._forward(batch, where)
         if targets is not None:
             self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
         self._update_metrics(stage, student_out, teacher_out, targets)
 
     def _hard(self, student_out: Tensor, targets: Tensor) -> Tensor:
-        if self._builtin_hard:
-            # value checks need a device sync: once per fit is enough, shapes are checked every step
-            loss = self.hard_loss_fn(student_out, targets, check_values=not self._targets_checked)
-            self._targets_checked = True
-            return loss
+        if self._builtin_hard:  # target values were checked by the guard in `_forward`, without a device sync
+            return self.hard_loss_fn(student_out, targets, check_values=False)
         return self.hard_loss_fn(student_out, targets)
 
     def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> None:
         self.metrics.accumulate(stage, student_out, teacher_out, targets, compare=self.soft_loss != "mse")
 
     def _log_metrics(self, stage: str) -> None:
+        self._guard.flush()  # the checks still recorded on an accelerator, before anything is logged or saved
         # the frozen teacher's validation accuracy is logged once (not during the sanity check)
         skip = stage == "val" and (self._teacher_acc_logged or self.trainer.sanity_checking)
         for name, value in self.metrics.compute(stage, skip_teacher=skip).items():
@@ -525,6 +554,13 @@ class DistillationModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision in ("16-true", "16") and self.trainer.strategy.root_device.type == "cpu":
+            # float16 weights on the CPU: Adam's updates underflow/overflow and the weights turn NaN
+            raise ValueError(
+                f"Expected a `precision` that trains on the CPU, but got {precision!r}: float16 weights are not supported "
+                "there. Use '32-true', 'bf16-mixed' or 'bf16-true' on the CPU, or train on a GPU."
+            )
         # Before the strategy wraps the module (DDP) and the optimizer is made: hooks and adapters exist by then.
         if stage == "fit" and self.feature_distillation is not None:
             self.feature_distillation.attach()
@@ -554,7 +590,7 @@ class DistillationModule(L.LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        self._targets_checked = False
+        self._guard.every_n_steps = max(1, int(self.trainer.log_every_n_steps))
         # A user's `model.eval()` before fit must not freeze the student for the whole run. A student
         # that is itself in train mode keeps the modes its user chose for its submodules.
         if not self.student.training:
@@ -587,6 +623,50 @@ class DistillationModule(L.LightningModule):
             self.student.train()
 
     # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str] | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> "DistillationModule":
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True``: nothing is unpickled.
+
+        Pass the ``teacher`` and ``student`` architectures as keyword arguments. The teacher's weights
+        come from the ``teacher_checkpoint`` recorded in the checkpoint if that file still exists, else
+        from the teacher given; either way their fingerprint must match the one the checkpoint recorded.
+
+        Raises:
+            ValueError: for ``weights_only=False``.
+            FileNotFoundError: if ``checkpoint_path`` does not exist.
+            lightning_kd.checkpoint.CheckpointError: for an empty, truncated or non-torch file, or one
+                holding pickled objects.
+            RuntimeError: if the teacher does not match the checkpoint's fingerprint.
+        """
+        if weights_only is not True:
+            raise ValueError(
+                f"Expected `weights_only=True`, but got {weights_only!r}: lightning-kd never unpickles a checkpoint "
+                "(a pickled payload runs code). Checkpoints written by lightning-kd load with weights_only=True."
+            )
+        token = _LOADING_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True, **kwargs
+            )
+        except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, KeyError) as err:
+            if isinstance(err, CheckpointError) or not isinstance(checkpoint_path, (str, os.PathLike)):
+                raise
+            try:  # was it the file? then say so clearly (an error path: reading it again costs nothing that matters)
+                load_checkpoint(checkpoint_path)
+            except (CheckpointError, FileNotFoundError) as bad_file:
+                raise bad_file from err
+            raise
+        finally:
+            _LOADING_CHECKPOINT.reset(token)
+
     def teacher_fingerprint(self) -> str | None:
         """SHA-256 of the teacher's parameters and buffers (cached during a fit: the teacher is frozen)."""
         if self.teacher is None:
@@ -598,6 +678,7 @@ class DistillationModule(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._guard.flush()  # no checkpoint is written after a non-finite loss that is still unread on the device
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
         if self.feature_distillation is not None:
             checkpoint["feature_adapters"] = self.feature_distillation.adapter_shapes
@@ -619,6 +700,42 @@ class DistillationModule(L.LightningModule):
             f"fingerprint differs: expected {expected[:12]}, got {actual[:12]}). Pass the "
             "trained teacher (e.g. `teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or "
             "save checkpoints with `keep_teacher_in_checkpoint=True`."
+        )
+
+
+# Set while `load_from_checkpoint` builds the module: the recorded `teacher_checkpoint` may have moved since.
+_LOADING_CHECKPOINT: ContextVar[bool] = ContextVar("lightning_kd_loading_checkpoint", default=False)
+
+
+def _skip_missing_teacher_file(teacher_checkpoint: str | os.PathLike[str]) -> bool:
+    """Whether to keep the given teacher as it is because its recorded checkpoint file is gone.
+
+    Only inside ``load_from_checkpoint``: the fingerprint stored in the checkpoint then decides whether
+    the given teacher is the right one (``on_load_checkpoint``). A user's own missing file still fails.
+    """
+    if not _LOADING_CHECKPOINT.get() or Path(teacher_checkpoint).expanduser().is_file():
+        return False
+    warnings.warn(
+        f"The teacher checkpoint recorded in this checkpoint, {str(teacher_checkpoint)!r}, no longer exists; using "
+        "the teacher passed to `load_from_checkpoint` as it is (its fingerprint is checked).",
+        stacklevel=3,
+    )
+    return True
+
+
+def _check_not_shared(teacher: nn.Module, student: nn.Module) -> None:
+    """Refuse a teacher that is the student or shares parameters with it: freezing the teacher would
+    silently freeze those student parameters too, and "distilling" a model into itself teaches nothing."""
+    if teacher is student:
+        raise ValueError("Expected `teacher` and `student` to be two different models, but got the same object twice.")
+    teacher_params = {id(p) for p in teacher.parameters()}
+    shared = [name for name, p in student.named_parameters(remove_duplicate=False) if id(p) in teacher_params]
+    if shared:
+        listed = ", ".join(shared[:5]) + (", ..." if len(shared) > 5 else "")
+        raise ValueError(
+            f"Expected `teacher` and `student` to share no parameters, but {len(shared)} student parameter(s) belong "
+            f"to the teacher too: {listed}. The frozen teacher would freeze them; give the student its own copy "
+            "(e.g. `copy.deepcopy(layer)`)."
         )
 
 

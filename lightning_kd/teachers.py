@@ -7,6 +7,7 @@ optimizer and the checkpoints, fingerprinted) holds for each member through the 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -132,7 +133,7 @@ def _normalised_weights(names: list[str], weights: Sequence[float] | Mapping[str
         values = [float(w) for w in weights]
         if len(values) != len(names):
             raise ValueError(f"Expected {len(names)} `teacher_weights` (one per teacher), but got {len(values)}.")
-    if any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"Expected non-negative `teacher_weights` with a positive sum, but got {values}.")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"Expected finite, non-negative `teacher_weights` with a positive sum, but got {values}.")
     total = sum(values)
     return {name: v / total for name, v in zip(names, values)}

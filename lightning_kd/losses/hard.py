@@ -32,7 +32,7 @@ def check_class_targets(outputs: Tensor, targets: Tensor, setting: str, *, check
             f"Expected targets of shape {tuple(outputs.shape[:-1])} for outputs of shape "
             f"{tuple(outputs.shape)} ({setting}), but got {tuple(targets.shape)}."
         )
-    if check_values and targets.numel():
+    if check_values and targets.numel():  # one host read: callers on an accelerator check without a sync instead
         valid = targets[targets != IGNORE_INDEX]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
             raise ValueError(
@@ -48,6 +48,7 @@ def cross_entropy_loss(outputs: Tensor, targets: Tensor, *, check_values: bool =
     A batch without any label gives a graph-connected zero.
     """
     check_class_targets(outputs, targets, "hard_loss='cross_entropy'", check_values=check_values)
+    targets = _ignore_invalid(targets, outputs.shape[-1])
     per_position = F.cross_entropy(
         outputs.float().reshape(-1, outputs.shape[-1]),
         targets.reshape(-1),
@@ -73,10 +74,23 @@ def mse_loss(outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> 
         diff = outputs.float() - torch.nan_to_num(targets.float())
     else:
         check_class_targets(outputs, targets, "hard_loss='mse'", check_values=check_values)
+        targets = _ignore_invalid(targets, outputs.shape[-1])
         labeled = targets != IGNORE_INDEX
         one_hot = F.one_hot(targets.clamp(min=0), outputs.shape[-1]).float()
         diff = outputs.float() - one_hot
     return masked_mean(diff.pow(2).mean(dim=-1), labeled, outputs)
+
+
+def invalid_targets(targets: Tensor, num_classes: int) -> Tensor:
+    """Bool mask of class targets outside ``[0, num_classes)`` that are not the ignore index ``-100``."""
+    return (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= num_classes))
+
+
+def _ignore_invalid(targets: Tensor, num_classes: int) -> Tensor:
+    """Out-of-range targets as ``-100``: with ``check_values=False`` they were (or will be) refused by the
+    caller's own check, and must not crash a CUDA kernel with a device-side assert before it, nor become
+    class 0 in a one-hot."""
+    return targets.masked_fill(invalid_targets(targets, num_classes), IGNORE_INDEX)
 
 
 def get_hard_loss(hard_loss: HardLoss) -> Callable[..., Tensor]:
