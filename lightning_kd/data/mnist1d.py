@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from lightning_kd.data.samplers import EpochShuffleSampler
+from lightning_kd.io import atomic_write
 
 # Bump when the layout of the cached files changes, so that old caches are not read back.
 _CACHE_VERSION = 1
@@ -71,26 +71,14 @@ def _generate(args: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # Write to a temporary file in the same directory, then rename: os.replace is atomic, so a
-    # concurrent reader (another DDP rank, another job) sees either no file or the whole file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_or_build(path: Path, args: dict[str, Any], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     if path.exists():
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in keys}
     arrays = {k: v for k, v in _generate(args).items() if k in keys}
-    _save_atomic(path, arrays)
+    # Atomic (a concurrent reader, another DDP rank or job, sees no file or the whole file) and with
+    # the umask's mode, so that a shared data directory stays readable for colleagues.
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return arrays
 
 
@@ -113,7 +101,8 @@ class MNIST1DDataModule(L.LightningDataModule):
     out for validation (a fixed permutation from ``split_seed``); the test split is the 1,000 test
     samples. The package's ``get_dataset`` (which downloads) is never called: everything is
     generated locally and cached as ``.npz`` files in ``data_dir``, one per build, named after a
-    hash of the generation arguments and written atomically (safe under DDP).
+    hash of the generation arguments and written atomically (safe under DDP) with the mode the umask
+    gives any new file (0644 under the usual umask 022).
 
     With ``transfer_samples=N`` it also builds a *transfer set* (Hinton et al., 2015): ``N`` extra
     unlabeled inputs from the same generator with ``transfer_seed``, which the teacher labels
@@ -128,20 +117,35 @@ class MNIST1DDataModule(L.LightningDataModule):
     ``{"labeled": [x, y], "unlabeled": [x_u]}``; an epoch lasts as long as the longer loader and
     the shorter one cycles.
 
+    Training order and DDP: the training loaders shuffle with :class:`EpochShuffleSampler`, a function
+    of (``shuffle_seed``, epoch), so that a resumed run sees the same batches. Under DDP each rank
+    takes its interleaved share of the *same* order (the sampler gets the Trainer's data-parallel
+    rank and world size; Lightning keeps it, as it is a ``DistributedSampler``), so ``W`` processes
+    with ``batch_size=b`` see exactly the batches of one process with ``batch_size=W*b`` and train
+    the same weights to float rounding. Only when a training set's size is not a multiple of ``W``
+    does the last global batch differ: it is padded with repeated samples so that every rank has as
+    many batches.
+
+    A last training batch of a single sample is dropped (BatchNorm cannot train on it): when a
+    training loader's per-rank size leaves a remainder of exactly 1 after whole batches, that one
+    sample is skipped for the epoch (it is another sample each epoch). Other remainders are kept.
+
     Args:
         data_dir: Where the ``.npz`` caches live. Defaults to ``$LIGHTNING_KD_DATA`` or
             ``~/.cache/lightning_kd/mnist1d``.
-        batch_size: Labeled training batch size.
+        batch_size: Labeled training batch size (per process under DDP).
         eval_batch_size: Batch size of the validation, test and predict loaders.
         val_size: Samples held out of the 4,000 training samples for validation (0 disables it).
         transfer_samples: Size of the unlabeled transfer set (0: none).
-        transfer_batch_size: Batch size of the transfer loader. Defaults to ``batch_size``.
+        transfer_batch_size: Batch size of the transfer loader (per process under DDP). Defaults to
+            ``batch_size``.
         seed: Generation seed of the labeled data (42 is the published dataset).
         transfer_seed: Generation seed of the transfer set; must differ from ``seed``.
         split_seed: Seed of the train/validation split.
         shuffle_seed: Seed of the training order (a function of this seed and the epoch, so that a
             resumed run sees the same batches). Default: ``torch.initial_seed()`` when the loader is
-            built, i.e. the run's ``seed_everything`` seed.
+            built, i.e. the run's ``seed_everything`` seed. Under DDP it must be the same on every rank
+            (``seed_everything`` with one seed is; ``seed + rank`` is not).
         num_workers: DataLoader workers.
 
     Raises:
@@ -293,16 +297,34 @@ class MNIST1DDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
+    def _data_parallel(self) -> tuple[int, int]:
+        """``(num_replicas, rank)`` of this process: the Trainer's, or ``(1, 0)`` without a distributed one."""
+        # The kwargs Lightning itself would give a DistributedSampler: under model parallelism these
+        # are the data-parallel size and rank, not the world size and global rank.
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kwargs:  # None for single-device strategies
+            return 1, 0
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
     def _loader(self, dataset: TensorDataset | None, batch_size: int, *, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("The datasets are not loaded yet: call `setup()` first (the Trainer does).")
-        # The shuffling order is a function of (seed, epoch) so that a resumed run replays it exactly.
-        seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
+        sampler = None
+        drop_last = False
+        if shuffle:
+            # The shuffling order is a function of (seed, epoch) so that a resumed run replays it exactly.
+            seed = torch.initial_seed() if self.shuffle_seed is None else self.shuffle_seed
+            num_replicas, rank = self._data_parallel()
+            sampler = EpochShuffleSampler(len(dataset), seed, num_replicas=num_replicas, rank=rank)
+            # A last batch of one sample breaks BatchNorm ("Expected more than 1 value per channel"):
+            # drop it in that case only (same on every rank, as each has len(sampler) samples), so that
+            # the batches of every other size, the defaults included, stay as they were.
+            drop_last = len(sampler) > batch_size and len(sampler) % batch_size == 1
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(dataset), seed) if shuffle else None,
-            drop_last=False,
+            sampler=sampler,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
