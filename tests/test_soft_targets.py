@@ -292,10 +292,10 @@ def test_incomplete_missing_and_garbled_stores_are_refused(tmp_path, data):
     with pytest.raises(RuntimeError, match="is incomplete: its build did not finish"):
         SoftTargetStore(store.path)
     manifest.write_text(good[:50])
-    with pytest.raises(RuntimeError, match="The manifest of soft-target store .* is corrupted"):
+    with pytest.raises(RuntimeError, match=r"The soft-target store manifest '.*manifest.json' is damaged \(not valid JSON"):
         SoftTargetStore(store.path)
-    manifest.write_text(good.replace('"format": 1', '"format": 99'))
-    with pytest.raises(RuntimeError, match="has format 99, but this lightning-kd .* reads format 1. Rebuild it."):
+    manifest.write_text(good.replace('"format": 2', '"format": 99'))
+    with pytest.raises(RuntimeError, match=r"has format 99, but this lightning-kd \(.*\) reads formats 1 and 2. Rebuild it."):
         SoftTargetStore(store.path)
     with pytest.raises(FileNotFoundError, match="No soft-target store at .*nowhere"):
         SoftTargetStore(tmp_path / "nowhere")

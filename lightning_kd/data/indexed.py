@@ -15,10 +15,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_kd.data.soft_targets import SoftTargetStore, open_store
+from lightning_kd.data.soft_targets import SoftTargetStore, open_store, require_map_style
 
 
 @dataclass
@@ -37,15 +37,15 @@ class CachedBatch:
 
 
 class IndexedDataset(Dataset):
-    """``dataset[i]`` as ``(i, dataset[i])``."""
+    """``dataset[i]`` as ``(i, dataset[i])``.
 
-    def __init__(self, dataset: Dataset) -> None:
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-            raise TypeError(
-                f"Cached soft targets are keyed by sample index and need a map-style dataset (with "
-                f"`__getitem__` and `__len__`), but got {type(dataset).__name__}. Distil online instead "
-                "(`distill.targets=online`)."
-            )
+    Raises:
+        TypeError: for an ``IterableDataset`` (no index to key the targets by): the same message as
+            every entry point gives (:func:`~lightning_kd.data.soft_targets.require_map_style`).
+    """
+
+    def __init__(self, dataset: Dataset, part: str = "train") -> None:
+        require_map_style(dataset, part)
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -75,7 +75,7 @@ def indexed_loader(loader: DataLoader, part: str, *, sequential: bool = False, b
     """
     if not isinstance(loader, DataLoader):
         raise TypeError(f"Expected a torch DataLoader for part {part!r}, but got {type(loader).__name__}.")
-    dataset = IndexedDataset(loader.dataset)
+    dataset = IndexedDataset(loader.dataset, part)
     common: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": IndexedCollate(loader.collate_fn, part),
@@ -121,6 +121,8 @@ def with_soft_targets(loaders: Any, store: SoftTargetStore) -> Any:
     injected afterwards as usual). A ``CombinedLoader`` keeps its mode.
 
     Raises:
+        TypeError: if a dataset is not map-style (an ``IterableDataset``): distil online
+            (``distill.targets=online``).
         RuntimeError: if a dataset is not the one the store was built from (the message says what
             differs), or returns random views.
     """
@@ -145,7 +147,7 @@ class SoftTargetDataModule(L.LightningDataModule):
 
     Everything but ``train_dataloader`` is the wrapped ``datamodule``'s own (setup, validation,
     test, state); training loaders are checked against the store and rebuilt by
-    :func:`with_soft_targets`.
+    :func:`with_soft_targets` (which raises ``TypeError`` for an ``IterableDataset`` training set).
 
     Example::
 

@@ -2,9 +2,10 @@
 
 Layout of a store directory::
 
-    manifest.json                  what made it (teacher, data, transform, augmentation, dtype,
-                                   code version), every file's shape, size and SHA-256,
-                                   and ``"complete": true`` once the build has finished
+    manifest.json                  ``"kind": "lightning-kd soft-target store"``, ``"format": 2``, what
+                                   made it (teacher, data, transform, augmentation, dtype, code
+                                   version), every file's shape, size and SHA-256, and
+                                   ``"complete": true`` once the build has finished
     <part>/logits.npy              (E, N, *output_shape)   full outputs, or with top-k:
     <part>/topk_values.npy         (E, N, *lead, k)        the k largest logits,
     <part>/topk_indices.npy        (E, N, *lead, k)        their classes,
@@ -18,14 +19,16 @@ rows are keyed by sample index. A part is one training dataset (``train``, or ea
 is stored as its uint16 bit pattern): no pickle, no per-sample files, readable with ``np.load``.
 
 Reading needs the sample index of every row of a batch: see :mod:`lightning_kd.data.indexed`.
+Building is :mod:`lightning_kd.cache`; the manifest's schema, the format versions and which files
+of a directory belong to a store (:func:`store_state`, :func:`remove_incomplete_store`) are
+:mod:`lightning_kd.data.store_manifest`. Every file of a store gets the mode the user's umask gives
+(``0o666 & ~umask``), so a store shared through a group-writable umask opens for colleagues.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -33,14 +36,30 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
+from lightning_kd.data.store_manifest import (
+    FORMAT_VERSION,
+    KIND,
+    MANIFEST,
+    NUMPY_DTYPES,
+    PART_NAME_RULE,
+    check_format,
+    file_sha256,
+    valid_part_name,
+    validate_manifest,
+)
+from lightning_kd.data.store_manifest import (  # noqa: F401  (re-exported: where users look for the store's API)
+    DTYPES,
+    StoreState,
+    prepare_store_path,
+    remove_incomplete_store,
+    require_empty_store_path,
+    store_state,
+)
+from lightning_kd.io import read_json
 from lightning_kd.losses.topk import TopKLogits
 
-FORMAT_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
-_NUMPY = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
-_TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _PROBES = 8  # samples fetched twice to detect random augmentation and hashed to identify the data
 
 
@@ -86,13 +105,30 @@ def _same(a: Any, b: Any) -> bool:
     return da.digest() == db.digest()
 
 
+def require_map_style(dataset: Any, name: str = "train") -> None:
+    """Refuse a dataset that cannot be read by sample index (an ``IterableDataset``, or no ``__len__``).
+
+    Raises:
+        TypeError: naming the part and ``distill.targets=online``.
+    """
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else "not map-style"
+        raise TypeError(
+            f"Cached soft targets are keyed by sample index and need a map-style dataset (with `__getitem__` and "
+            f"`__len__`), but training dataset {name!r} is {type(dataset).__name__} ({kind}). Distil online instead "
+            "(`distill.targets=online`), or give a map-style dataset."
+        )
+
+
 def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
     """Class, length, transform and a content hash of a few samples; checks the samples are deterministic.
 
     Raises:
+        TypeError: for an ``IterableDataset`` (see :func:`require_map_style`).
         RuntimeError: if ``dataset[i]`` differs between two reads (random augmentation): targets
             cached for one view would be silently reused for another.
     """
+    require_map_style(dataset, name)
     length = len(dataset)
     if length == 0:
         raise ValueError(f"The training dataset of part {name!r} is empty.")
@@ -117,128 +153,10 @@ def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _version() -> str:
     from lightning_kd import __version__
 
     return __version__
-
-
-class StoreWriter:
-    """Create a store's arrays, fill them (from any number of processes), then seal the manifest.
-
-    Rank 0 calls :meth:`create`; every rank then :meth:`open` s the arrays and :meth:`write` s its
-    rows; rank 0 finally calls :meth:`finish`, which refuses gaps or duplicate rows and writes the
-    checksums and ``"complete": true`` last (a crash before that leaves a store that is refused).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], spec: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.spec = spec  # everything of the manifest except the files and `complete`
-        self.arrays: dict[str, dict[str, np.memmap]] = {}
-
-    def _files(self, part: str) -> dict[str, tuple[tuple[int, ...], str]]:
-        spec, info = self.spec, self.spec["parts"][part]
-        lead = (spec["epochs"], info["identity"]["length"])
-        out = tuple(spec["output_shape"])
-        files: dict[str, tuple[tuple[int, ...], str]] = {"writes": (lead, "uint8")}
-        if spec["top_k"] is None:
-            files["logits"] = (lead + out, spec["dtype"])
-        else:
-            k = spec["top_k"]
-            files["topk_values"] = (lead + out[:-1] + (k,), spec["dtype"])
-            files["topk_indices"] = (lead + out[:-1] + (k,), "int32" if out[-1] > 32767 else "int16")
-            files["tail_logsumexp"] = (lead + out[:-1], "float32")
-        if spec["augmentation"] is not None:
-            files["params"] = (lead + (spec["augmentation_params"],), "float32")
-        return files
-
-    def create(self) -> None:
-        if self.path.exists() and any(self.path.iterdir()):
-            raise FileExistsError(f"{self.path} is not empty: choose another `cache.path` or remove it.")
-        self.path.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self.path / "manifest.json", {**self.spec, "complete": False})
-        for part in self.spec["parts"]:
-            (self.path / part).mkdir()
-            for name, (shape, dtype) in self._files(part).items():
-                arr = np.lib.format.open_memmap(self.path / part / f"{name}.npy", mode="w+", dtype=_NUMPY.get(dtype, dtype), shape=shape)
-                del arr  # zero-filled on disk; every process reopens it in r+ mode
-
-    def open(self) -> None:
-        self.arrays = {
-            part: {name: np.load(self.path / part / f"{name}.npy", mmap_mode="r+") for name in self._files(part)}
-            for part in self.spec["parts"]
-        }
-
-    def write(self, part: str, epoch: int, index: Tensor, outputs: Tensor, params: Tensor | None) -> None:
-        """Store the teacher's ``outputs`` (``(B, *output_shape)``) for samples ``index`` at ``epoch``."""
-        arrays = self.arrays[part]
-        rows = index.cpu().numpy()
-        if self.spec["top_k"] is None:
-            arrays["logits"][epoch, rows] = _to_numpy(outputs, self.spec["dtype"])
-        else:
-            top = TopKLogits.from_logits(outputs, self.spec["top_k"])
-            arrays["topk_values"][epoch, rows] = _to_numpy(top.values, self.spec["dtype"])
-            arrays["topk_indices"][epoch, rows] = top.indices.cpu().numpy().astype(arrays["topk_indices"].dtype)
-            arrays["tail_logsumexp"][epoch, rows] = top.tail_logsumexp.cpu().numpy()
-        if params is not None:
-            arrays["params"][epoch, rows] = params.cpu().numpy()
-        arrays["writes"][epoch, rows] += 1
-
-    def flush(self) -> None:
-        for arrays in self.arrays.values():
-            for arr in arrays.values():
-                arr.flush()
-
-    def finish(self, seconds: float) -> None:
-        """Check that every row was written exactly once, then write checksums and mark the store complete."""
-        manifest = {**self.spec, "parts": {}}
-        for part, info in self.spec["parts"].items():
-            writes = np.load(self.path / part / "writes.npy", mmap_mode="r")
-            missing, repeated = int((writes == 0).sum()), int((writes > 1).sum())
-            if missing or repeated:
-                raise RuntimeError(
-                    f"Soft-target store {self.path}, part {part!r}: {missing} rows were never written and "
-                    f"{repeated} more than once (of {writes.size}). The build is refused."
-                )
-            files = {}
-            for name, (shape, dtype) in self._files(part).items():
-                file = self.path / part / f"{name}.npy"
-                files[name] = {"shape": list(shape), "dtype": dtype, "bytes": file.stat().st_size, "sha256": _sha256(file)}
-            manifest["parts"][part] = {**info, "files": files}
-        manifest["build_seconds"] = round(seconds, 3)
-        manifest["complete"] = True
-        _write_json_atomic(self.path / "manifest.json", manifest)
-
-
-def _to_numpy(values: Tensor, dtype: str) -> np.ndarray:
-    source = values.detach()
-    stored = source.to(_TORCH[dtype])
-    if dtype != "float32" and bool((torch.isfinite(source) & ~torch.isfinite(stored)).any()):
-        raise ValueError(
-            f"Teacher outputs of magnitude up to {source.abs().max().item():.3g} overflow `cache.dtype` "
-            f"{dtype!r}. Use one of: {', '.join(d for d in DTYPES if d != dtype)} (bfloat16 or float32 keep the range)."
-        )
-    array = stored.cpu()
-    return array.view(torch.uint16).numpy() if dtype == "bfloat16" else array.numpy()
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -248,12 +166,15 @@ class SoftTargetStore:
     Args:
         path: the store directory (``manifest.json`` and one folder per part).
         verify: check every file's SHA-256 against the manifest (a full read; sizes, shapes and
-            the ``complete`` flag are always checked).
+            the ``complete`` flag are always checked). Format-1 stores (earlier versions, no ``kind``
+            marker) are read when complete and valid.
 
     Raises:
         FileNotFoundError: if there is no store at ``path``.
         RuntimeError: if the store is incomplete (an interrupted build), from another format
-            version, truncated, or corrupted.
+            version, truncated, or corrupted, or if its manifest breaks the schema (a missing key,
+            a wrong type, a part name that is not a plain folder name, an unknown file: see
+            :func:`~lightning_kd.data.store_manifest.validate_manifest`).
 
     Example::
 
@@ -264,46 +185,50 @@ class SoftTargetStore:
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
+        manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(
                 f"No soft-target store at {self.path} (no manifest.json). Build one with `lightning-kd task=cache "
                 "teacher.checkpoint=PATH cache.path=...` or `lightning_kd.build_soft_targets(...)`."
             )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise RuntimeError(f"The manifest of soft-target store {self.path} is corrupted: {err}.") from err
-        if manifest.get("format") != FORMAT_VERSION:
+        manifest = read_json(manifest_path, what="soft-target store manifest")
+        check_format(manifest, manifest_path, _version())
+        if manifest.get("complete") is not True:
             raise RuntimeError(
-                f"Soft-target store {self.path} has format {manifest.get('format')!r}, but this lightning-kd "
-                f"({_version()}) reads format {FORMAT_VERSION}. Rebuild it."
+                f"Soft-target store {self.path} is incomplete: its build did not finish. Remove it with "
+                "`lightning_kd.data.soft_targets.remove_incomplete_store(path)` (a `lightning-kd task=cache` run does "
+                "it for `cache.path`) and build it again."
             )
-        if not manifest.get("complete"):
-            raise RuntimeError(
-                f"Soft-target store {self.path} is incomplete: its build did not finish. Remove it and build it again."
-            )
+        validate_manifest(manifest, manifest_path)  # part names, file names, shapes, dtypes: before any file is opened
         self.manifest = manifest
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         for part, info in manifest["parts"].items():
-            self.arrays[part] = {}
-            for name, meta in info["files"].items():
-                file = self.path / part / f"{name}.npy"
-                if not file.is_file() or file.stat().st_size != meta["bytes"]:
-                    size = file.stat().st_size if file.is_file() else "missing"
-                    raise RuntimeError(
-                        f"Soft-target store {self.path} is truncated or damaged: {part}/{name}.npy has "
-                        f"{size} bytes, the manifest says {meta['bytes']}. Rebuild it."
-                    )
-                if verify and _sha256(file) != meta["sha256"]:
-                    raise RuntimeError(
-                        f"Soft-target store {self.path} is corrupted: the SHA-256 of {part}/{name}.npy does not "
-                        "match its manifest. Rebuild it."
-                    )
-                array = np.load(file, mmap_mode="r")
-                if list(array.shape) != meta["shape"]:
-                    raise RuntimeError(f"Soft-target store {self.path}: {part}/{name}.npy has shape {array.shape}, expected {meta['shape']}.")
-                self.arrays[part][name] = array
+            self.arrays[part] = {name: self._open_array(part, name, meta, verify) for name, meta in info["files"].items()}
+
+    def _open_array(self, part: str, name: str, meta: dict[str, Any], verify: bool) -> np.ndarray:
+        file = self.path / part / f"{name}.npy"
+        if not file.is_file() or file.stat().st_size != meta["bytes"]:
+            size = file.stat().st_size if file.is_file() else "missing"
+            raise RuntimeError(
+                f"Soft-target store {self.path} is truncated or damaged: {part}/{name}.npy has "
+                f"{size} bytes, the manifest says {meta['bytes']}. Rebuild it."
+            )
+        if verify and file_sha256(file) != meta["sha256"]:
+            raise RuntimeError(
+                f"Soft-target store {self.path} is corrupted: the SHA-256 of {part}/{name}.npy does not "
+                "match its manifest. Rebuild it."
+            )
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)  # never pickle, whatever the header says
+        except (ValueError, OSError) as err:
+            raise RuntimeError(f"Soft-target store {self.path} is damaged: {part}/{name}.npy is not a plain .npy array ({err}). Rebuild it.") from err
+        expected = np.dtype(NUMPY_DTYPES[meta["dtype"]])
+        if list(array.shape) != meta["shape"] or array.dtype != expected or array.offset + array.nbytes != meta["bytes"]:
+            raise RuntimeError(
+                f"Soft-target store {self.path} is damaged: {part}/{name}.npy holds {array.dtype} {list(array.shape)} "
+                f"in {meta['bytes']} bytes, the manifest says {expected} {meta['shape']}. Rebuild it."
+            )
+        return array
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled (ddp_spawn, DataLoader workers) as its path: a memmap would pickle as a full in-memory copy.
@@ -427,8 +352,20 @@ def store_spec(
     augmentation_seed: int,
     world_size: int,
 ) -> dict[str, Any]:
-    """The manifest of a store about to be built (files and checksums are added by :meth:`StoreWriter.finish`)."""
+    """The manifest of a store about to be built (files and checksums are added by :meth:`lightning_kd.cache.StoreWriter.finish`).
+
+    Raises:
+        ValueError: if a part name (a key of the training loaders) is not a plain folder name.
+        TypeError: if a training dataset is not map-style (see :func:`require_map_style`).
+    """
+    for name in parts:
+        if not valid_part_name(name):
+            raise ValueError(
+                f"Expected the names of the training loaders (the keys of the CombinedLoader or dict: each becomes a "
+                f"folder of the store) to be {PART_NAME_RULE}, but got {name!r}."
+            )
     return {
+        "kind": KIND,
         "format": FORMAT_VERSION,
         "lightning_kd": _version(),
         "torch": torch.__version__,
