@@ -39,13 +39,19 @@ class LearnableTemperature(nn.Module):
     multiplied by ``-grl_weight``: the optimizer that minimises the distillation loss maximises it in
     :math:`T`. Put :math:`\theta` in the same optimizer as the student (it is an ``nn.Parameter``).
 
+    The parametrisation keeps :math:`T` in :math:`[T_{\min}, T_{\min} + T_{\text{range}}]`, so the
+    losses do not read its value (that would stall the device every step): they check a
+    temperature tensor only when it does not require grad. ``-inf`` logits (masked classes) send a
+    zero, not NaN, gradient to :math:`\theta`.
+
     Args:
         initial: the starting temperature, in ``(t_min, t_min + t_range)``.
         t_min: the lowest reachable temperature (> 0). CTKD's default: 1.
         t_range: the width of the reachable range. CTKD's default: 20.
 
     Raises:
-        ValueError: if ``t_min <= 0``, ``t_range <= 0`` or ``initial`` is outside the open range.
+        ValueError: if ``t_min`` or ``t_range`` is not a finite number > 0, or ``initial`` is outside
+            the open range (NaN included).
 
     Example::
 
@@ -56,10 +62,9 @@ class LearnableTemperature(nn.Module):
 
     def __init__(self, initial: float = 4.0, *, t_min: float = 1.0, t_range: float = 20.0) -> None:
         super().__init__()
-        if not t_min > 0:
-            raise ValueError(f"Expected `t_min` to be > 0, but got {t_min}.")
-        if not t_range > 0:
-            raise ValueError(f"Expected `t_range` to be > 0, but got {t_range}.")
+        for name, value in (("t_min", t_min), ("t_range", t_range)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value}.")
         if not t_min < initial < t_min + t_range:
             raise ValueError(
                 f"Expected the initial temperature to be in ({t_min}, {t_min + t_range}) (`t_min`, `t_min + t_range`), "

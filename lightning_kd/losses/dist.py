@@ -11,13 +11,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._reduction import Temperature, log_prob_pair, masked_mean, scale_by_temperature
+from lightning_kd.losses._reduction import Temperature, check_weight, log_prob_pair, masked_in_both, masked_mean, scale_by_temperature
 
 
-def pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
-    """Pearson correlation of ``a`` and ``b`` along the last dimension (cosine of the centred vectors)."""
-    a = a - a.mean(dim=-1, keepdim=True)
-    b = b - b.mean(dim=-1, keepdim=True)
+def pearson(a: Tensor, b: Tensor, eps: float = 1e-8, *, keep: Tensor | None = None) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` along the last dimension (cosine of the centred vectors).
+
+    With ``keep`` (bool, same shape), over the kept entries only: the others are set to zero
+    after centring, which leaves the cosine of the kept entries.
+    """
+    if keep is None:
+        a = a - a.mean(dim=-1, keepdim=True)
+        b = b - b.mean(dim=-1, keepdim=True)
+        return torch.cosine_similarity(a, b, dim=-1, eps=eps)
+    # the plain mean times n / kept: times exactly 1.0 where every entry is kept. `a` itself goes
+    # straight into the subtraction, as above, so that its gradients add up in the same order.
+    scale = a.shape[-1] / keep.sum(dim=-1, keepdim=True).clamp(min=1)
+    a = torch.where(keep, a - torch.where(keep, a, 0.0).mean(dim=-1, keepdim=True) * scale, 0.0)
+    b = torch.where(keep, b - torch.where(keep, b, 0.0).mean(dim=-1, keepdim=True) * scale, 0.0)
     return torch.cosine_similarity(a, b, dim=-1, eps=eps)
 
 
@@ -44,6 +55,12 @@ def dist_loss(
     ``T = 1`` (ImageNet); its CIFAR recipe uses ``beta = gamma = 2``, ``T = 4``. The intra-class term
     needs at least two valid positions (it is 1, a constant, otherwise). Float32 math.
 
+    A class whose logit is ``-inf`` in both models (a padded vocabulary) is left out: of the
+    inter-class correlation at each position where it is masked, and of the intra-class mean when
+    it is masked at every valid position. The loss is then that of the unpadded logits (with the
+    padded classes kept, their zero probabilities would change both correlations), and the padded
+    classes get a zero gradient. A batch with no valid position gives a graph-connected zero.
+
     Shape:
         - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
         - mask: ``student_logits.shape[:-1]``, optional. Output: scalar, float32.
@@ -51,15 +68,16 @@ def dist_loss(
     Args:
         student_logits: the student's logits.
         teacher_logits: the teacher's logits.
-        beta: weight of the inter-class relation.
-        gamma: weight of the intra-class relation.
-        temperature: :math:`T > 0`, divides both logits.
+        beta: weight of the inter-class relation, finite and >= 0.
+        gamma: weight of the intra-class relation, finite and >= 0.
+        temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to include.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first.
 
     Raises:
-        ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
+        ValueError: if the shapes differ, ``temperature`` is not a finite number > 0, ``beta`` or
+            ``gamma`` is not a finite number >= 0, or the mask has the wrong shape.
 
     Example::
 
@@ -68,13 +86,25 @@ def dist_loss(
         >>> round(dist_loss(s, t).item(), 4)
         2.2669
     """
+    check_weight("beta", beta)
+    check_weight("gamma", gamma)
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
+    present = ~masked_in_both(student_logits, teacher_logits)  # (..., C)
     p_s, p_t = log_p_s.exp(), log_p_t.exp()
-    inter = masked_mean(1.0 - pearson(p_s, p_t), mask, student_logits)
-    rows_s, rows_t = p_s.reshape(-1, p_s.shape[-1]), p_t.reshape(-1, p_t.shape[-1])  # (N, C)
+    inter = masked_mean(1.0 - pearson(p_s, p_t, keep=present), mask, student_logits)
+    num_classes = p_s.shape[-1]
+    rows_s, rows_t = p_s.reshape(-1, num_classes), p_t.reshape(-1, num_classes)  # (N, C)
+    present = present.reshape(-1, num_classes)
     if mask is not None:
         keep = mask.to(torch.bool).reshape(-1)
-        rows_s, rows_t = rows_s[keep], rows_t[keep]
-    intra = 1.0 - pearson(rows_s.T, rows_t.T).mean() if rows_s.shape[0] else inter * 0.0
+        rows_s, rows_t, present = rows_s[keep], rows_t[keep], present[keep]
+    if rows_s.shape[0]:
+        # a class masked at every valid position is constant 0 in both: its correlation is undefined
+        counted = present.any(dim=0)  # (C,)
+        per_class = torch.where(counted, pearson(rows_s.T, rows_t.T), 0.0)
+        # the plain mean times C / counted: times exactly 1.0 without padding
+        intra = 1.0 - per_class.mean() * (num_classes / counted.sum().clamp(min=1))
+    else:
+        intra = inter * 0.0
     loss = beta * inter + gamma * intra
     return scale_by_temperature(loss, temperature, scale_by_t2)

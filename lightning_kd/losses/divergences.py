@@ -16,7 +16,9 @@ With :math:`p_t = \mathrm{softmax}(z_t / T)`, :math:`p_s = \mathrm{softmax}(z_s 
   forward KL at :math:`\lambda = 0`, bounded by :math:`-\log \lambda` for :math:`\lambda > 0`.
 
 Like :func:`kd_loss` they multiply by :math:`T^2` unless ``scale_by_t2=False`` (no-op at the
-default ``T = 1``, the LM recipes' setting).
+default ``T = 1``, the LM recipes' setting), and like it they treat a class whose logit is ``-inf``
+in both models (a padded vocabulary) as absent: the value and the other classes' gradients are
+those of the unpadded logits, the padded classes' gradient is zero.
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ from lightning_kd.losses._reduction import Temperature, kl_sum, log_prob_pair, m
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
-    """``log(weight · p + (1 − weight) · q)``, stable, exact at ``weight`` 0 and 1."""
+    """``log(weight · p + (1 − weight) · q)``, stable, exact at ``weight`` 0 and 1.
+
+    ``logaddexp(-inf, -inf)`` has a NaN gradient, so ``-inf`` terms (a class masked in both models,
+    or a zero weight) enter as the lowest float instead: clamping passes them a zero gradient and
+    leaves every finite value as it is. Where both terms are ``-inf`` the result is that lowest
+    float (about ``-3.4e38``), not ``-inf``; :func:`kl_sum` gives such classes zero weight either way.
+    """
     log_w = math.log(weight) if weight > 0 else -math.inf
     log_1mw = math.log1p(-weight) if weight < 1 else -math.inf
-    return torch.logaddexp(log_p + log_w, log_q + log_1mw)
+    lowest = torch.finfo(log_p.dtype).min
+    return torch.logaddexp((log_p + log_w).clamp(min=lowest), (log_q + log_1mw).clamp(min=lowest))
 
 
 def _finish(per_position: Tensor, mask: Tensor | None, like: Tensor, temperature: Temperature, scale_by_t2: bool) -> Tensor:
@@ -41,6 +50,7 @@ def _finish(per_position: Tensor, mask: Tensor | None, like: Tensor, temperature
 
 
 def _check_unit(name: str, value: float, *, low_open: bool, high_open: bool) -> None:
+    # NaN fails both comparisons, inf the upper one: neither gets through
     low_ok = value > 0 if low_open else value >= 0
     high_ok = value < 1 if high_open else value <= 1
     if not (low_ok and high_ok):
@@ -69,13 +79,14 @@ def reverse_kl_loss(
     Args:
         student_logits: the student's logits (the distribution being trained).
         teacher_logits: the teacher's logits.
-        temperature: :math:`T > 0`, divides both logits.
+        temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to average over.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first (logit standardisation).
 
     Raises:
-        ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
+        ValueError: if the shapes differ, ``temperature`` is not a finite number > 0 or the mask
+            has the wrong shape.
 
     Example::
 
@@ -116,14 +127,14 @@ def jsd_loss(
         student_logits: the student's logits.
         teacher_logits: the teacher's logits.
         beta: the teacher's weight in the mixture, in (0, 1).
-        temperature: :math:`T > 0`, divides both logits.
+        temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to average over.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first.
 
     Raises:
-        ValueError: if ``beta`` is not in (0, 1), the shapes differ, ``temperature <= 0`` or the
-            mask has the wrong shape.
+        ValueError: if ``beta`` is not in (0, 1) (NaN included), the shapes differ, ``temperature``
+            is not a finite number > 0 or the mask has the wrong shape.
 
     Example::
 
@@ -165,14 +176,14 @@ def skew_kl_loss(
         student_logits: the student's logits.
         teacher_logits: the teacher's logits.
         skew: :math:`\lambda \in [0, 1)`, the teacher's weight in the mixture.
-        temperature: :math:`T > 0`, divides both logits.
+        temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to average over.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first.
 
     Raises:
-        ValueError: if ``skew`` is not in [0, 1), the shapes differ, ``temperature <= 0`` or the
-            mask has the wrong shape.
+        ValueError: if ``skew`` is not in [0, 1) (NaN included), the shapes differ, ``temperature``
+            is not a finite number > 0 or the mask has the wrong shape.
 
     Example::
 

@@ -18,17 +18,31 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_kd.losses._reduction import Temperature, check_mask, kl_sum, log_prob_pair, masked_mean, scale_by_temperature
+from lightning_kd.losses._reduction import (
+    Temperature,
+    check_mask,
+    check_weight,
+    empty_safe_logsumexp,
+    kl_sum,
+    log_prob_pair,
+    masked_mean,
+    scale_by_temperature,
+)
 from lightning_kd.losses.hard import IGNORE_INDEX, check_class_targets
 
 
 def _split(log_p: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor]:
     """``(log b, log p̂)``: the binary target/other log-probabilities ``(..., 2)`` and the non-target
-    classes renormalised ``(..., C)`` (``-inf`` at the target), all in log space."""
-    log_target = log_p.masked_fill(~is_target, -math.inf).logsumexp(dim=-1, keepdim=True)  # log p_y
+    classes renormalised ``(..., C)`` (``-inf`` at the target), all in log space.
+
+    Where no class but the target has mass (every other class masked with ``-inf``), ``p̂`` stays
+    all ``-inf`` instead of ``-inf − (−inf) = NaN``, and its KL is 0.
+    """
+    log_target = empty_safe_logsumexp(log_p.masked_fill(~is_target, -math.inf))  # log p_y
     others = log_p.masked_fill(is_target, -math.inf)
-    log_other = others.logsumexp(dim=-1, keepdim=True)  # log(1 - p_y), without cancellation
-    return torch.cat([log_target, log_other], dim=-1), others - log_other
+    log_other = empty_safe_logsumexp(others)  # log(1 - p_y), without cancellation
+    renormalised = others - log_other.masked_fill(log_other == -math.inf, 0.0)
+    return torch.cat([log_target, log_other], dim=-1), renormalised
 
 
 def dkd_loss(
@@ -53,7 +67,9 @@ def dkd_loss(
     :math:`p = \mathrm{softmax}(z / T)`. The paper's defaults: ``alpha=1``, ``beta=8``, ``T=4``,
     with the whole DKD term warmed up linearly over the first 20 epochs (with
     :class:`~lightning_kd.DistillationModule`, anneal its ``soft_weight``). Positions whose target
-    is ``-100`` (unlabeled) are left out, as in the cross-entropy. Float32 math.
+    is ``-100`` (unlabeled) are left out, as in the cross-entropy. Classes whose logit is ``-inf``
+    in both models (a padded vocabulary) are absent: the loss is that of the unpadded logits, their
+    gradient is zero. Float32 math.
 
     Shape:
         - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
@@ -64,16 +80,17 @@ def dkd_loss(
         student_logits: the student's logits.
         teacher_logits: the teacher's logits.
         targets: the ground-truth class of each position.
-        alpha: weight of TCKD (target-class KD).
-        beta: weight of NCKD (non-target-class KD).
-        temperature: :math:`T > 0`, divides both logits.
+        alpha: weight of TCKD (target-class KD), finite and >= 0.
+        beta: weight of NCKD (non-target-class KD), finite and >= 0.
+        temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to average over (besides the unlabeled ones).
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first (logit standardisation).
 
     Raises:
-        ValueError: if the shapes differ, ``temperature <= 0``, a target is out of range, or the
-            mask has the wrong shape.
+        ValueError: if the shapes differ, ``temperature`` is not a finite number > 0, ``alpha`` or
+            ``beta`` is not a finite number >= 0, a target is out of range, or the mask has the
+            wrong shape.
         TypeError: if ``targets`` are not integer class indices.
 
     Example::
@@ -82,6 +99,8 @@ def dkd_loss(
         >>> round(dkd_loss(s, t, torch.tensor([0]), alpha=1.0, beta=0.0, temperature=1.0).item(), 4)
         0.9957
     """
+    check_weight("alpha", alpha)
+    check_weight("beta", beta)
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     check_class_targets(student_logits, targets, "dkd_loss")
     labeled = targets != IGNORE_INDEX

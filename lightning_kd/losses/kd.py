@@ -6,10 +6,20 @@ and torchmetrics' KL take the two distributions in opposite orders; these functi
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (the doctests use it)
+import torch
 from torch import Tensor, nn
 
-from lightning_kd.losses._reduction import Temperature, check_pair, check_temperature, kl_sum, log_probs, masked_mean, scale_by_temperature, standardize_logits
+from lightning_kd.losses._reduction import (
+    Temperature,
+    check_pair,
+    check_temperature,
+    kl_sum,
+    log_probs,
+    masked_in_both,
+    masked_mean,
+    scale_by_temperature,
+    standardize_logits,
+)
 from lightning_kd.losses.topk import TopKLogits, check_topk_pair, collapse_student, topk_log_probs
 
 Teacher = Tensor | TopKLogits
@@ -28,9 +38,10 @@ def kl_per_position(
 ) -> Tensor:
     """``KL(softmax(t/T) ‖ softmax(s/T))`` summed over classes, one value per position (float32).
 
-    Classes where the teacher's probability is exactly zero (masked ``-inf`` logits) contribute
-    zero instead of ``0 · (−inf) = NaN``. With :class:`TopKLogits` the sum runs over the ``k + 1``
-    buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail).
+    Classes where the teacher's probability is exactly zero contribute zero, with a zero gradient,
+    also when the student's logit is ``-inf`` too (a class masked in both); a class the teacher
+    gives mass and the student ``-inf`` makes the KL ``+inf``. With :class:`TopKLogits` the sum
+    runs over the ``k + 1`` buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail).
     """
     log_p_s = log_probs(student_logits, temperature, standardize=standardize)
     if isinstance(teacher_logits, TopKLogits):
@@ -61,8 +72,10 @@ def kd_loss(
             p^t_{i,c} \left(\log p^t_{i,c} - \log p^s_{i,c}\right),
         \qquad p = \mathrm{softmax}(z / T)
 
-    where :math:`M` is the set of valid positions (all of them without a mask). The :math:`T^2`
-    factor keeps the gradient scale independent of :math:`T` (Hinton et al.); switch it off with
+    where :math:`M` is the set of valid positions (all of them without a mask). Classes whose
+    logit is ``-inf`` in both models (a padded vocabulary) are absent: the loss and the gradients
+    on the other classes are those of the unpadded logits, their own gradient is zero. The
+    :math:`T^2` factor keeps the gradient scale independent of :math:`T` (Hinton et al.); switch it off with
     ``scale_by_t2=False`` (LM recipes such as GKD run at T=1 without it). The math runs in float32
     whatever the input dtype.
 
@@ -77,15 +90,16 @@ def kd_loss(
     Args:
         student_logits: the student's logits (the distribution being trained).
         teacher_logits: the teacher's logits (the target distribution).
-        temperature: :math:`T > 0`, divides both logits before the softmax.
-        mask: positions to average over; a batch with no valid position gives a zero loss that
-            is still connected to the graph.
+        temperature: :math:`T > 0`, finite, divides both logits before the softmax.
+        mask: positions to average over; a batch with no valid position (or no position at
+            all) gives a zero loss that is still connected to the graph.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors before the temperature (logit standardisation,
             Sun et al., CVPR 2024; see :func:`~lightning_kd.losses.standardize_logits`).
 
     Raises:
-        ValueError: if the shapes differ, ``temperature <= 0`` or the mask has the wrong shape.
+        ValueError: if the shapes differ, ``temperature`` is not a finite number > 0 or the mask
+            has the wrong shape.
 
     Example::
 
@@ -117,6 +131,11 @@ def soft_mse_loss(
     (zero-mean) logits: :math:`T^2 \mathrm{KL} \to \frac{1}{2C}\sum_c (z^s_c - z^t_c)^2` as
     :math:`T \to \infty`. Temperature does not apply. Float32 math.
 
+    A class whose logit is ``-inf`` in both models (a padded vocabulary) is left out: :math:`C`
+    counts the other classes, the loss equals the loss on the unpadded logits, and the padded
+    classes get a zero gradient. A class that is ``-inf`` in only one model is infinitely far
+    from the other: the loss is ``+inf``, loudly, rather than a number that ignores it.
+
     Shape:
         - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
         - mask: ``student_logits.shape[:-1]``, optional. Output: scalar.
@@ -127,9 +146,13 @@ def soft_mse_loss(
         2.5
     """
     check_pair(student_logits, teacher_logits)
+    absent = masked_in_both(student_logits, teacher_logits)
     if standardize:  # compare the z-scored logits (logit standardisation)
         student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
-    per_position = (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
+    diff = torch.where(absent, 0.0, student_logits.float() - teacher_logits.float())
+    present = (~absent).sum(dim=-1).clamp(min=1)
+    # the mean over all C times C / present: times exactly 1.0 without padding
+    per_position = diff.pow(2).mean(dim=-1) * (student_logits.shape[-1] / present)
     return masked_mean(per_position, mask, student_logits)
 
 

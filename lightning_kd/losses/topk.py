@@ -30,6 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_kd.losses._reduction import Temperature, divide_by_temperature, empty_safe_logsumexp
+
 
 class TopKLogits(NamedTuple):
     """A teacher's top-k logits, in place of the full ``(..., C)`` tensor.
@@ -85,23 +87,28 @@ def check_topk_pair(student: Tensor, teacher: TopKLogits) -> None:
         raise ValueError(f"Expected at most {student.shape[-1]} top-k teacher classes (the student's), but got {teacher.k}.")
 
 
-def topk_log_probs(teacher: TopKLogits, num_classes: int, temperature: float) -> Tensor:
-    """Float32 log-probabilities of the ``k + 1`` buckets (top-k classes, then the tail), ``(..., k+1)``."""
-    top = teacher.values.float() / temperature
+def topk_log_probs(teacher: TopKLogits, num_classes: int, temperature: Temperature) -> Tensor:
+    """Float32 log-probabilities of the ``k + 1`` buckets (top-k classes, then the tail), ``(..., k+1)``.
+
+    A ``-inf`` value or tail (classes masked in the teacher) is a bucket of probability zero.
+    """
+    top = divide_by_temperature(teacher.values.float(), temperature)
     if teacher.k == num_classes:
         return torch.log_softmax(top, dim=-1)
     rest = num_classes - teacher.k
     log_rest = math.log(rest)
     # the tail as `rest` equal logits at their log-mean-exp: exact at T = 1 (see the module docstring)
-    tail = log_rest + (teacher.tail_logsumexp.float() - log_rest) / temperature
+    tail = log_rest + divide_by_temperature(teacher.tail_logsumexp.float() - log_rest, temperature)
     return torch.log_softmax(torch.cat([top, tail.unsqueeze(-1)], dim=-1), dim=-1)
 
 
 def collapse_student(log_q: Tensor, indices: Tensor) -> Tensor:
-    """The student's float32 log-probabilities ``(..., C)`` collapsed onto the teacher's ``k + 1`` buckets."""
+    """The student's float32 log-probabilities ``(..., C)`` collapsed onto the teacher's ``k + 1`` buckets.
+
+    A tail whose classes are all ``-inf`` (a padded vocabulary) is ``-inf``, with a zero gradient.
+    """
     indices = indices.long()
     top = log_q.gather(-1, indices)
     if indices.shape[-1] == log_q.shape[-1]:
-        return top  # no tail: a logsumexp over nothing would be -inf, with NaN gradients
-    tail = torch.logsumexp(log_q.scatter(-1, indices, -math.inf), dim=-1, keepdim=True)
-    return torch.cat([top, tail], dim=-1)
+        return top  # no tail bucket at all
+    return torch.cat([top, empty_safe_logsumexp(log_q.scatter(-1, indices, -math.inf))], dim=-1)
