@@ -1,7 +1,8 @@
 """Teacher vs student-from-scratch vs distilled student: measurements, tables, JSON and a plot.
 
 The only module that knows about tables and plots. Also a small command to summarise several
-runs (seeds) as mean ± std: ``python -m lightning_kd.report multirun/pipeline/<stamp>``.
+runs (seeds) as mean ± std: ``python -m lightning_kd.report multirun/pipeline/<stamp>``; runs whose
+settings differ in more than their seed get one table each.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from lightning_kd.io import atomic_write, atomic_write_text
 
 # Report rows in workflow order; other names follow alphabetically.
 ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_distilled_transfer")
@@ -100,22 +103,34 @@ def print_table(entries: dict[str, dict[str, Any]]) -> None:
     Console().print(table)
 
 
-def write_report(entries: dict[str, dict[str, Any]], run_dir: str | Path, *, meta: dict[str, Any] | None = None, plot: bool = True) -> Path:
-    """Write ``report.json``, ``report.md`` (and ``report.png``) into ``run_dir``; return the markdown path."""
+def write_report(
+    entries: dict[str, dict[str, Any]],
+    run_dir: str | Path,
+    *,
+    meta: dict[str, Any] | None = None,
+    plot: bool = True,
+    settings: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``report.json``, ``report.md`` (and ``report.png``) into ``run_dir``; return the markdown path.
+
+    Each file is written atomically (a crash leaves the previous report or the new one). ``settings``
+    (each stage's resolved settings, seed excluded) goes into ``report.json`` for :func:`summarize`.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"entries": {name: entries[name] for name in ordered(entries)}, "meta": meta or {}}
-    (run_dir / "report.json").write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    payload: dict[str, Any] = {"entries": {name: entries[name] for name in ordered(entries)}, "meta": meta or {}}
+    if settings is not None:
+        payload["settings"] = settings
+    atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, sort_keys=False) + "\n")
     text = ["# lightning-kd report", "", markdown_table(entries), ""]
-    if meta:
-        text += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in meta.items()), ""]
+    shown = {k: v for k, v in (meta or {}).items() if not isinstance(v, (dict, list))}
+    if shown:
+        text += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()), ""]
     text += [
         "Accuracy of the last epoch on the test set. Latency: mean wall-clock time of one forward pass "
         "of one test batch on the CPU, eval mode, no autograd. Weights: the exported `model.pt` state dict; checkpoint: the stage's `last.ckpt` (optimizer state included, teacher excluded).",
         "",
     ]
-    md = run_dir / "report.md"
-    md.write_text("\n".join(text))
+    md = atomic_write_text(run_dir / "report.md", "\n".join(text))
     if plot and entries:
         plot_report(entries, run_dir / "report.png")
     return md
@@ -149,19 +164,44 @@ def plot_report(entries: dict[str, dict[str, Any]], path: str | Path) -> Path:
     right.set_ylabel("test accuracy (%)")
     right.set_title("Accuracy vs latency")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return Path(path)
 
 
-def summarize(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict[str, Any]], str]:
-    """Aggregate the ``report.json`` of several runs (e.g. seeds) into mean ± std per entry and metric."""
-    reports = []
-    for run_dir in run_dirs:
-        found = sorted(Path(run_dir).glob("**/report.json"))
-        reports += [json.loads(p.read_text()) for p in found]
-    if not reports:
+def _read_reports(run_dirs: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    run_dirs = list(run_dirs)
+    found = [p for run_dir in run_dirs for p in sorted(Path(run_dir).glob("**/report.json"))]
+    if not found:
         raise FileNotFoundError(f"No report.json found under {list(map(str, run_dirs))}.")
+    return [(p, json.loads(p.read_text())) for p in found]
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _setting(report: dict[str, Any]) -> dict[str, Any]:
+    """What a run's report says about its settings, seed excluded, as dotted keys: ``meta``'s and each
+    stage's (``student_distilled:distill.temperature``; the stage hashes in ``meta`` say the same)."""
+    meta = {k: v for k, v in report.get("meta", {}).items() if k not in ("seed", "stage_settings")}
+    flat = _flat(meta) if meta else {}
+    for stage, values in (report.get("settings") or {}).items():
+        flat.update({f"{stage}:{k}": v for k, v in _flat(values).items()})
+    return flat
+
+
+def _readable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``student_distilled:distill.temperature`` as ``distill.temperature`` when every stage agrees on it."""
+    short: dict[str, set[str]] = {}
+    for key, value in settings.items():
+        short.setdefault(key.split(":", 1)[-1], set()).add(json.dumps(value, sort_keys=True, default=str))
+    return {(key.split(":", 1)[-1] if len(short[key.split(":", 1)[-1]]) == 1 else key): value for key, value in settings.items()}
+
+
+def _aggregate(reports: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], str]:
     table: dict[str, dict[str, Any]] = {}
     for report in reports:
         for name, row in report["entries"].items():
@@ -179,12 +219,51 @@ def summarize(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict[str, Any]]
     return table, "\n".join(lines)
 
 
+def summarize_groups(run_dirs: Iterable[str | Path]) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], str]]:
+    """:func:`summarize` per group of runs that differ only in their seed.
+
+    Returns one ``(settings, table, text)`` per group, where ``settings`` holds the dotted keys whose
+    values differ between the groups (``meta.temperature``, ``student_distilled:distill.temperature``)
+    with this group's values; empty when all runs share their settings.
+    """
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    for _, report in _read_reports(run_dirs):
+        setting = _setting(report)
+        groups.setdefault(json.dumps(setting, sort_keys=True, default=str), (setting, []))[1].append(report)
+    keys = sorted({k for setting, _ in groups.values() for k in setting})
+    differing = [k for k in keys if len({json.dumps(s.get(k, "<unset>"), default=str) for s, _ in groups.values()}) > 1]
+    return [(_readable({k: setting.get(k, "<unset>") for k in differing}), *_aggregate(reports)) for setting, reports in groups.values()]
+
+
+def summarize(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict[str, Any]], str]:
+    """Aggregate the ``report.json`` of several runs (e.g. seeds) into mean ± std per entry and metric.
+
+    Raises:
+        FileNotFoundError: if no ``report.json`` is found.
+        ValueError: if the runs differ in more than their seed (listing the settings that differ): a mean
+            over two temperatures is no mean over seeds. :func:`summarize_groups` gives one table per setting.
+    """
+    groups = summarize_groups(run_dirs)
+    if len(groups) > 1:
+        differing = sorted({k for settings, _, _ in groups for k in settings})
+        values = "; ".join(f"{k}: " + ", ".join(sorted({repr(s[k]) for s, _, _ in groups})) for k in differing[:5])
+        raise ValueError(
+            f"Expected runs that differ only in their seed, but they form {len(groups)} groups that differ in {len(differing)} "
+            f"setting(s): {values}{' ...' if len(differing) > 5 else ''}. Use `summarize_groups` (or the command "
+            "`python -m lightning_kd.report`) for one table per group."
+        )
+    return groups[0][1], groups[0][2]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarise lightning-kd runs (e.g. a seed multirun) as mean ± std.")
     parser.add_argument("run_dirs", nargs="+", help="directories searched recursively for report.json")
     args = parser.parse_args(argv)
-    _, text = summarize(args.run_dirs)
-    print(text)
+    groups = summarize_groups(args.run_dirs)
+    for i, (settings, _, text) in enumerate(groups):
+        if len(groups) > 1:  # the settings that tell this group from the others
+            print(("\n" if i else "") + "Runs with " + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ":\n")
+        print(text)
 
 
 if __name__ == "__main__":
