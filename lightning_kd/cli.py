@@ -7,9 +7,9 @@ trainer) -> ``Trainer.fit`` / ``test`` -> report. Each stage lives in ``<run_dir
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,15 +18,18 @@ from typing import Any, Callable
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lightning_kd import report
+from lightning_kd import report, runs
 from lightning_kd.cache import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.indexed import SoftTargetDataModule
 from lightning_kd.data.soft_targets import SoftTargetStore
+from lightning_kd.io import atomic_write
 from lightning_kd.module import DistillationModule
 from lightning_kd.teachers import TeacherEnsemble, resolve_dtype
 from lightning_kd.weights import load_weights
@@ -44,15 +47,22 @@ CONFIG_ONLY = ("teacher_layers", "student_layers")  # `distill` keys that the fe
 def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     """Run every stage of ``cfg.task.stages`` and write the report; return its entries."""
     stages = _stages(cfg)
+    runs.check_lengths(cfg, stages)
     run_dir = Path(cfg.run_dir)
     entries: dict[str, dict[str, Any]] = {}
     teacher_checkpoint = cfg.teacher.get("checkpoint")
+    # Refuse a stage trained under other settings before anything trains (not after the stages before it).
+    finished_teacher = None if teacher_checkpoint else runs.read_result(run_dir, "teacher")
+    known_teacher = finished_teacher["checkpoint"] if finished_teacher else teacher_checkpoint
+    for stage in stages:
+        if stage != "cache":
+            runs.check_stage(run_dir / stage, runs.record(cfg, stage, known_teacher))
     store: SoftTargetStore | None = None  # opened (hashed, checked against the teacher) once for all stages
     for stage in stages:
         if stage == "cache":
             store = build_cache(cfg, run_dir, teacher_checkpoint)
             continue
-        if store is None and _reads_store(cfg, stage) and not _result_file(run_dir, stage).is_file():
+        if store is None and _reads_store(cfg, stage) and not (run_dir / stage / runs.RESULT).is_file():
             store = _open_store(cfg, teacher_checkpoint)  # builds a teacher to check it: before the stage seeds
         entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint, store=store)
         if stage == "teacher":
@@ -74,7 +84,7 @@ def _stages(cfg: DictConfig) -> list[str]:
         raise ValueError(f"Unknown `distill.targets` {targets!r}. Expected one of: {', '.join(TARGETS)}.")
     distilled = [s for s in stages if s in DISTILLED_STAGES]
     cached = targets == "cached" and bool(distilled)
-    store_exists = cached and _store_complete(Path(cfg.cache.path))
+    store_exists = cached and runs.store_complete(Path(cfg.cache.path))
     if cached and "cache" not in stages and not store_exists:
         stages.insert(stages.index(distilled[0]), "cache")  # build the store the distilled stages read
     schedule = cfg.get("schedule") or {}
@@ -107,7 +117,7 @@ def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
     """
     path = Path(cfg.cache.path)
     if (path / "manifest.json").is_file():
-        if _store_complete(path):
+        if runs.store_complete(path):
             log.info("Soft-target store %s already built: reusing it.", path)
             return _open_store(cfg, teacher_checkpoint)
         if rank_zero_only.rank == 0:
@@ -138,19 +148,6 @@ def _reads_store(cfg: DictConfig, stage: str) -> bool:
     return stage in DISTILLED_STAGES and cfg.distill.get("targets", "online") == "cached"
 
 
-def _result_file(run_dir: Path, stage: str) -> Path:
-    """Written when a stage has finished; a re-run reuses the stage instead of training it again."""
-    return run_dir / stage / "result.json"
-
-
-def _store_complete(path: Path) -> bool:
-    """Whether ``path`` holds a store whose build finished (an interrupted one is rebuilt by the cache stage)."""
-    try:
-        return bool(json.loads((path / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
-
-
 def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:
     """Open ``cache.path``, and check it against the teacher checkpoint when there is one."""
     store = SoftTargetStore(cfg.cache.path, verify=bool(cfg.cache.verify))
@@ -169,34 +166,45 @@ def run_stage(
 ) -> tuple[dict[str, Any], str | None]:
     """Train (or, for a given teacher checkpoint, only evaluate) one stage; finished stages are reused.
 
-    A distilled stage with ``distill.targets=cached`` reads ``store`` (opened by :func:`train`).
+    A distilled stage with ``distill.targets=cached`` reads ``store`` (opened by :func:`train`). A stage
+    trained under other settings is refused (:func:`runs.check_stage`); an interrupted one resumes from
+    :func:`runs.resume_checkpoint`; one stopped by SIGTERM raises :class:`runs.Interrupted` and writes no result.
     """
     stage_dir = run_dir / stage
-    done = _result_file(run_dir, stage)
-    if done.is_file():  # a re-run in the same directory resumes after the last finished stage
-        result = json.loads(done.read_text())
+    record = runs.record(cfg, stage, teacher_checkpoint)
+    runs.check_stage(stage_dir, record)
+    result = runs.read_result(run_dir, stage)
+    if result is not None:  # a re-run in the same directory resumes after the last finished stage
         log.info("Stage %s already finished in %s: reusing it.", stage, stage_dir)
         return result["entry"], result["checkpoint"]
 
     if not _reads_store(cfg, stage):
         store = None
-    L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
     given_teacher = stage == "teacher" and teacher_checkpoint is not None
+    resume = None if given_teacher else runs.resume_checkpoint(stage_dir)
+    L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
     module = build_module(cfg, stage, teacher_checkpoint, store=store)
     datamodule = build_datamodule(cfg, stage)
     if store is not None:
         datamodule = SoftTargetDataModule(datamodule, store)
-    recipe = cfg.teacher if stage == "teacher" else cfg.student
-    if given_teacher:
-        epochs = 0  # a given teacher is only evaluated
-    else:
-        epochs = recipe.transfer_epochs if stage == "student_distilled_transfer" else recipe.epochs
+    epochs = 0 if given_teacher else OmegaConf.select(cfg, runs.EPOCHS[stage])  # a given teacher is only evaluated
     trainer = build_trainer(cfg, stage, stage_dir, max_epochs=epochs)
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    if not given_teacher:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    if record is not None:
+        trainer.callbacks.append(runs.RecordStage(stage_dir, record))  # a resume under other settings is then refused
+    try:  # Lightning's SIGTERM handler stops fit/test at the end of a batch (SIGTERMException, or only the flag)
+        if not given_teacher:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume), weights_only=True)
+        if not trainer.received_sigterm:
+            metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    except SIGTERMException:
+        pass
+    if trainer.received_sigterm:
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        where = (f"the re-run resumes it from {str(last)!r}, its end-of-epoch checkpoint (the steps after it are repeated)"
+                 if last.is_file() else "it had no checkpoint yet, so the re-run starts it over")
+        raise runs.Interrupted(f"Stage {stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: {where}.")
     model = module.student
+    checkpoint = str(teacher_checkpoint) if given_teacher else str(stage_dir / "checkpoints" / "last.ckpt")
     entry = {
         "test_acc": _float(metrics.get("test/acc")),
         "params": report.count_parameters(model),
@@ -206,9 +214,9 @@ def run_stage(
         "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
         "teacher_test_acc": _float(metrics.get("test/teacher_acc")),
+        "checkpoint": runs.portable(checkpoint, run_dir),  # relative inside the run directory: it may move
     }
-    checkpoint = str(teacher_checkpoint) if given_teacher else str(last)
-    _finish_stage(cfg, stage_dir, module, datamodule, entry, checkpoint)
+    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint, record)
     return entry, checkpoint
 
 
@@ -314,36 +322,49 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
         logger = hydra.utils.instantiate(cfg.logger, name=stage)
     # The callbacks group chooses the progress bar: without one (callbacks=quiet) Lightning must not add its own.
     no_bar = {} if any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
-    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, **no_bar)
+    plugins = [hydra.utils.instantiate(p) if isinstance(p, DictConfig) else p for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(runs.AtomicCheckpointIO())  # a crash while saving keeps the previous last.ckpt whole
+    # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
+    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
+                                   default_root_dir=str(stage_dir), **no_bar)
 
 
 @rank_zero_only
-def _finish_stage(cfg: DictConfig, stage_dir: Path, module: DistillationModule, datamodule: Any, entry: dict[str, Any], checkpoint: str) -> None:
+def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: DistillationModule, datamodule: Any, entry: dict[str, Any],
+                  checkpoint: str, record: dict[str, Any] | None) -> None:
     """Export the model's weights, time it on the CPU, and mark the stage done (rank 0 only)."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage_dir = run_dir / stage
     model = module.student
     weights = stage_dir / "model.pt"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+    atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f))
     entry["weights_bytes"] = weights.stat().st_size
     # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
     entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
     example, _ = module.unpack_batch(next(iter(datamodule.test_dataloader())))
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
     entry["latency_batch_size"] = int(example.shape[0]) if isinstance(example, torch.Tensor) else None
-    (stage_dir / "result.json").write_text(json.dumps({"entry": entry, "checkpoint": checkpoint}, indent=2) + "\n")
+    runs.write_result(run_dir, stage, entry, checkpoint, record)
 
 
 @rank_zero_only
 def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """The report; its meta says what the runs of one experiment share (all but ``seed``), for ``report.summarize``."""
+    given = cfg.teacher.get("checkpoint")
+    settings = {stage: runs.setting(runs.stage_record(cfg, stage, teacher={} if stage == "teacher" and given else None))
+                for stage in entries}
     meta = {
         "seed": cfg.seed,
+        "method": cfg.distill.get("soft_loss"),
         "temperature": cfg.distill.temperature,
         "alpha": cfg.distill.alpha,
         "teacher": cfg.teacher.model.get("name", cfg.teacher.model.get("_target_")),
         "student": cfg.student.model.get("name", cfg.student.model.get("_target_")),
         "precision": cfg.trainer.get("precision"),
+        "teacher_checkpoint": runs.portable(given, run_dir) if given else None,
+        "stage_settings": {stage: runs.record_hash(setting)[:16] for stage, setting in settings.items()},
     }
-    md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot))
+    md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot), settings=settings)
     report.print_table(entries)
     log.info("Report written to %s", md)
 
@@ -362,7 +383,12 @@ def _entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path="pkg://lightning_kd.conf", config_name="config")
     def wrapped(cfg: DictConfig) -> None:
         _quiet_lightning()
-        fn(cfg)
+        try:
+            with runs.sigterm_stops_the_run():
+                fn(cfg)
+        except runs.Interrupted as stop:  # a scheduler's SIGTERM: checkpoints kept, nothing reported, a non-zero exit
+            log.error("%s Resume by running the same command again with `hydra.run.dir=%s`.", stop, cfg.run_dir)
+            sys.exit(runs.SIGTERM_EXIT_CODE)
 
     return wrapped
 
