@@ -8,7 +8,6 @@ trainer) -> ``Trainer.fit`` / ``test`` -> report. Each stage lives in ``<run_dir
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ from lightning_kd import report, runs
 from lightning_kd.cache import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.indexed import SoftTargetDataModule
-from lightning_kd.data.soft_targets import SoftTargetStore
+from lightning_kd.data.soft_targets import SoftTargetStore, prepare_store_path, store_state
 from lightning_kd.io import atomic_write
 from lightning_kd.module import DistillationModule
 from lightning_kd.teachers import TeacherEnsemble, resolve_dtype
@@ -84,7 +83,7 @@ def _stages(cfg: DictConfig) -> list[str]:
         raise ValueError(f"Unknown `distill.targets` {targets!r}. Expected one of: {', '.join(TARGETS)}.")
     distilled = [s for s in stages if s in DISTILLED_STAGES]
     cached = targets == "cached" and bool(distilled)
-    store_exists = cached and runs.store_complete(Path(cfg.cache.path))
+    store_exists = cached and store_state(Path(cfg.cache.path)) == "complete"
     if cached and "cache" not in stages and not store_exists:
         stages.insert(stages.index(distilled[0]), "cache")  # build the store the distilled stages read
     schedule = cfg.get("schedule") or {}
@@ -113,18 +112,21 @@ def _stages(cfg: DictConfig) -> list[str]:
 def build_cache(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) -> SoftTargetStore:
     """The ``cache`` stage: write the teacher's outputs on the training data (transfer set included) to ``cache.path``.
 
-    A finished store there is reused; a store whose build was interrupted is removed and rebuilt.
+    A finished store there is reused; an interrupted store of ours is removed file by file and rebuilt;
+    anything else at ``cache.path`` is refused and left untouched.
     """
     path = Path(cfg.cache.path)
-    if (path / "manifest.json").is_file():
-        if runs.store_complete(path):
-            log.info("Soft-target store %s already built: reusing it.", path)
-            return _open_store(cfg, teacher_checkpoint)
-        if rank_zero_only.rank == 0:
-            log.warning("Soft-target store %s is incomplete (an interrupted build): rebuilding it.", path)
-            shutil.rmtree(path)
+    if store_state(path) == "complete":
+        log.info("Soft-target store %s already built: reusing it.", path)
+        return _open_store(cfg, teacher_checkpoint)
+    # Every input is validated before anything at `cache.path` is touched.
     if teacher_checkpoint is None:
         raise ValueError("The cache stage needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    if not Path(teacher_checkpoint).expanduser().is_file():
+        raise FileNotFoundError(f"Teacher checkpoint not found: {str(teacher_checkpoint)!r} (`teacher.checkpoint`). Nothing was built or removed.")
+    # Only an interrupted store of our own format, holding only our files, is removed (file by file); any other
+    # content of `cache.path` is refused and left as it is.
+    prepare_store_path(path, remove_incomplete=rank_zero_only.rank == 0)
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, "student_distilled", teacher_checkpoint, targets="online")
     trainer = build_trainer(cfg, "cache", run_dir / "cache", max_epochs=0)
@@ -151,6 +153,14 @@ def _reads_store(cfg: DictConfig, stage: str) -> bool:
 def _open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:
     """Open ``cache.path``, and check it against the teacher checkpoint when there is one."""
     store = SoftTargetStore(cfg.cache.path, verify=bool(cfg.cache.verify))
+    # A store is built once; settings that would build another one are refused, not silently ignored.
+    differ = {key: (getattr(store, key), cfg.cache[key]) for key in ("dtype", "top_k", "epochs") if getattr(store, key) != cfg.cache[key]}
+    if differ:
+        listed = ", ".join(f"`cache.{key}`: stored {old!r}, configured {new!r}" for key, (old, new) in differ.items())
+        raise ValueError(
+            f"The soft-target store at {cfg.cache.path} was built with other settings than this run's ({listed}). "
+            "Set them as stored to use it, or choose another `cache.path` to build a new store."
+        )
     if teacher_checkpoint is not None:
         # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
         teacher = build_teacher(cfg, teacher_checkpoint)

@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
+from lightning_kd.data.soft_targets import store_state
 from lightning_kd.io import atomic_write, atomic_write_json, read_json
 
 log = logging.getLogger("lightning_kd")
@@ -102,7 +103,7 @@ def record(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> dict[
     if stage == "teacher" and cfg.teacher.get("checkpoint"):
         teacher = {"checkpoint_sha256": _digests(cfg, cfg.teacher.checkpoint)}
     elif stage in DISTILLED and cfg.distill.get("targets", "online") == "cached":
-        if not store_complete(Path(cfg.cache.path)):
+        if store_state(Path(cfg.cache.path)) != "complete":
             return None  # built by this run (and checked against the teacher when opened)
         spec = read_json(Path(cfg.cache.path) / "manifest.json", what="store manifest")
         teacher = {"store": {
@@ -121,14 +122,6 @@ def _digests(cfg: DictConfig, teacher_checkpoint: str) -> list[str | None]:
     """SHA-256 of the teacher checkpoint and of each ``teacher.extra`` one (``None`` for a missing file)."""
     extra = [e if isinstance(e, str) else e.get("checkpoint") for e in (cfg.teacher.get("extra") or [])]
     return [file_digest(p) if p and Path(p).expanduser().is_file() else None for p in (teacher_checkpoint, *extra)]
-
-
-def store_complete(path: Path) -> bool:
-    """Whether ``path`` holds a store whose build finished (an interrupted one is rebuilt by the cache stage)."""
-    try:
-        return bool(json.loads((path / "manifest.json").read_text()).get("complete"))
-    except (OSError, ValueError):
-        return False
 
 
 def _plain(node: Any) -> Any:

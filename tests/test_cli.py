@@ -350,7 +350,8 @@ def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
     teacher = str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
     cfg = make_cfg(tmp_path, "task=cache", f"teacher.checkpoint={teacher}", "data.transfer_samples=0")
     (tmp_path / "soft_targets" / "train").mkdir(parents=True)
-    (tmp_path / "soft_targets" / "manifest.json").write_text(json.dumps({"format": 1, "complete": False}))
+    unfinished = {"kind": "lightning-kd soft-target store", "format": 2, "complete": False, "parts": {"train": {}}}
+    (tmp_path / "soft_targets" / "manifest.json").write_text(json.dumps(unfinished))  # ours, interrupted
     assert cli.train(cfg) == {}  # no model trained: no report rows
     store = SoftTargetStore(tmp_path / "soft_targets")
     assert store.parts == ["train"] and store.teacher_fingerprint == store.manifest["teacher"]["fingerprint"]

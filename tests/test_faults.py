@@ -397,3 +397,33 @@ def test_summaries_never_average_over_different_settings(tmp_path, capsys):
 
     table, text = report.summarize([tmp_path / "t4s1", tmp_path / "t4s2"])  # seeds only: one table, as before
     assert table["student_distilled"]["test_acc"] == [0.8, 0.7] and "| student_distilled | 2 | 75.0 ± 7.1 %" in text
+
+
+@pytest.mark.parametrize("teacher", ["missing", "given"])
+def test_a_cache_path_holding_user_files_is_never_deleted(scratch_run, tmp_path, teacher):
+    """`task=cache cache.path=DIR` where DIR holds the user's files and a manifest.json of theirs (the issue's rmtree)."""
+    folder = tmp_path / "my_folder"
+    folder.mkdir()
+    files = {"manifest.json": json.dumps({"project": "mine", "complete": False}), "notes.txt": "keep me", "data.csv": "1,2\n"}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    checkpoint = scratch_run / "student_scratch" / "checkpoints" / "last.ckpt" if teacher == "given" else tmp_path / "nowhere.ckpt"
+    cfg = make_cfg(tmp_path / "run", "task=cache", f"teacher.checkpoint={checkpoint}", f"cache.path={folder}",
+                   "teacher.model.name=mlp", "data.transfer_samples=0")
+    expected = (FileNotFoundError, r"nowhere\.ckpt") if teacher == "missing" else (FileExistsError, r"Nothing was deleted")
+    with pytest.raises(expected[0], match=expected[1]):
+        cli.train(cfg)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)
+    assert all((folder / name).read_text() == text for name, text in files.items())
+
+
+@pytest.mark.parametrize("override", ["cache.dtype=bfloat16", "cache.top_k=3"])
+def test_an_existing_store_built_with_other_cache_settings_is_refused(scratch_run, tmp_path, override):
+    """Reusing a finished store must not silently ignore `cache.*` settings that would build another one."""
+    teacher = scratch_run / "student_scratch" / "checkpoints" / "last.ckpt"
+    common = ("task=cache", f"teacher.checkpoint={teacher}", "teacher.model.name=mlp", "data.transfer_samples=0",
+              f"cache.path={tmp_path / 'store'}")
+    cli.train(make_cfg(tmp_path / "build", *common, "cache.dtype=float32"))
+    key, value = override.split("=")
+    with pytest.raises(ValueError, match=rf"`{key}`: stored .*, configured '?{value}'?.*another `cache.path`"):
+        cli.train(make_cfg(tmp_path / "reuse", *common, override))

@@ -117,8 +117,8 @@ def with_soft_targets(loaders: Any, store: SoftTargetStore) -> Any:
     """Make training ``loaders`` yield :class:`CachedBatch` es that ``store`` has targets for.
 
     Each loader's dataset is checked against the store (same data, no random augmentation), then
-    the loader is rebuilt around it, keeping its sampler (Lightning's distributed sampler is
-    injected afterwards as usual). A ``CombinedLoader`` keeps its mode.
+    the loader is rebuilt around it, keeping its sampler (a sampler that is already a
+    ``DistributedSampler``, like MNIST-1D's, is kept under DDP; any other gets Lightning's as usual). A ``CombinedLoader`` keeps its mode.
 
     Raises:
         TypeError: if a dataset is not map-style (an ``IterableDataset``): distil online
