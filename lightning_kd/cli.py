@@ -329,6 +329,7 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
         callbacks.append(hydra.utils.instantiate(cfg.schedule, _convert_="all"))
     logger: Any = False
     if cfg.get("logger"):
+        _keep_earlier_metrics(stage_dir)
         logger = hydra.utils.instantiate(cfg.logger, name=stage)
     # The callbacks group chooses the progress bar: without one (callbacks=quiet) Lightning must not add its own.
     no_bar = {} if any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
@@ -338,6 +339,16 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
     return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
                                    default_root_dir=str(stage_dir), **no_bar)
+
+
+@rank_zero_only
+def _keep_earlier_metrics(stage_dir: Path) -> None:
+    """Lightning's CSV logger deletes a resumed stage's ``metrics.csv``: keep it as ``metrics.<k>.csv`` first."""
+    metrics = stage_dir / "metrics.csv"
+    if metrics.is_file():
+        k = next(k for k in range(1, 10_000) if not (stage_dir / f"metrics.{k}.csv").exists())
+        metrics.rename(stage_dir / f"metrics.{k}.csv")
+        log.info("Kept the metrics logged before the resume as %s.", stage_dir / f"metrics.{k}.csv")
 
 
 @rank_zero_only

@@ -554,8 +554,9 @@ class DistillationModule(L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        precision = str(self.trainer.precision)
-        if precision in ("16-true", "16") and self.trainer.strategy.root_device.type == "cpu":
+        trainer = self._trainer  # None when a test or a user calls setup by hand
+        precision = "" if trainer is None else str(trainer.precision)
+        if precision in ("16-true", "16") and trainer.strategy.root_device.type == "cpu":
             # float16 weights on the CPU: Adam's updates underflow/overflow and the weights turn NaN
             raise ValueError(
                 f"Expected a `precision` that trains on the CPU, but got {precision!r}: float16 weights are not supported "

@@ -130,9 +130,15 @@ def test_a_run_stopped_mid_stage_resumes_to_the_uninterrupted_result(scratch_run
     assert last.is_file() and not (run_dir / "student_scratch" / runs.RESULT).exists()
     assert not (run_dir / "report.json").exists()
     assert torch.load(last, weights_only=True)["epoch"] < 2  # stopped before the end
+    metrics = run_dir / "student_scratch" / "metrics.csv"
+    logged = metrics.read_text() if metrics.is_file() else None  # SIGTERM's teardown flushes it; kill -9 may not
+    if sig == signal.SIGTERM:
+        assert logged is not None
 
     kd(*SCRATCH, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     same_result(run_dir, scratch_run, "student_scratch")
+    if logged is not None:  # Lightning's CSV logger deletes a resumed stage's metrics.csv: ours was kept aside
+        assert (metrics.parent / "metrics.1.csv").read_text() == logged and metrics.is_file()
 
 
 # ---------------------------------------------------------------------- damaged or foreign checkpoints
