@@ -63,6 +63,18 @@ def accuracies(entries: dict) -> dict[str, float]:
     return {name: entry["test_acc"] for name, entry in entries.items()}
 
 
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> str:
+    """``proc``'s output once it ends; on a timeout kill its whole process group (DDP's rank 1 included) and re-raise."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        print(out[-6000:])
+        raise
+    return out
+
+
 def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.CompletedProcess:
     """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
     env = {
@@ -72,13 +84,7 @@ def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.Com
         "HYDRA_FULL_ERROR": "1",
     }
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        print(out[-6000:])
-        raise
+    out = communicate_or_kill(proc, timeout)
     if proc.returncode != 0:
         print(out[-6000:])
     assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}:\n{out[-3000:]}"

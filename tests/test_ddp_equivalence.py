@@ -11,12 +11,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -30,12 +27,12 @@ from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, TensorDataset
 
+from test_cli import SMOKE, run_command
+
 from lightning_kd import cli
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.samplers import EpochShuffleSampler
 from lightning_kd.models import get_model
-
-SMOKE = ("experiment=smoke", "callbacks=quiet")
 
 
 def todays_order(size: int, seed: int, epoch: int, pass_: int) -> list[int]:
@@ -276,26 +273,6 @@ def test_the_cached_npz_gets_the_umask_mode(tmp_path):
 
 
 # ---------------------------------------------------------------------- end to end
-
-
-def run_command(args: list[str], cwd: Path, *, timeout: float) -> str:
-    """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
-    env = {
-        **os.environ,
-        "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()),  # set by conftest.py
-        "OMP_NUM_THREADS": "1",
-        "HYDRA_FULL_ERROR": "1",
-    }
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        print(out[-6000:])
-        raise
-    assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}:\n{out[-3000:]}"
-    return out
 
 
 def student_init(overrides: list[str]) -> dict[str, torch.Tensor]:

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from test_cli import SMOKE, make_cfg, read_report
+from test_cli import SMOKE, communicate_or_kill, make_cfg, read_report
 
 from lightning_kd import cli, report, runs
 from lightning_kd.checkpoint import CheckpointError
@@ -50,13 +49,7 @@ def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def finish(proc: subprocess.Popen, *, timeout: float = 240) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        print(out[-6000:])
-        raise
+    out = communicate_or_kill(proc, timeout)
     return proc.returncode, out
 
 
