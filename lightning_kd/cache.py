@@ -32,6 +32,7 @@ from lightning_kd.data.augment import Augmentation
 from lightning_kd.data.indexed import indexed_loader, loader_parts
 from lightning_kd.data.soft_targets import DTYPES, SoftTargetStore, store_spec
 from lightning_kd.data.store_manifest import MANIFEST, NUMPY_DTYPES, array_files, data_bytes, file_sha256, require_empty_store_path
+from lightning_kd.guards import nonfinite_parts
 from lightning_kd.io import atomic_write_json
 from lightning_kd.losses.topk import TopKLogits
 from lightning_kd.module import DistillationModule
@@ -134,9 +135,7 @@ class StoreWriter:
         if not outputs.is_floating_point():
             return
         values = outputs.detach()
-        nan, posinf = torch.isnan(values), torch.isposinf(values)
-        dead = torch.isneginf(values)
-        dead = dead.all(dim=-1) if values.dim() > 1 else dead  # rows entirely -inf: no distribution at all
+        nan, posinf, dead = nonfinite_parts(values)  # dead: rows entirely -inf, no distribution at all
         if not bool(nan.any() | posinf.any() | dead.any()):
             return
         per_sample = (nan | posinf).reshape(len(values), -1).any(1) | dead.reshape(len(values), -1).any(1)

@@ -29,19 +29,23 @@ class NonFiniteError(RuntimeError):
     """A teacher output or a loss that is NaN or infinite: the run stops instead of training on it."""
 
 
-def nonfinite_count(logits: Tensor) -> Tensor:
-    """How many values of ``logits`` (``(..., C)``) are unusable, as a 0-d tensor on their device.
-
-    NaN and ``+inf`` always count. ``-inf`` is a legitimate masked class (a padded vocabulary), so it
-    counts only where a whole position is ``-inf`` (no class left to predict).
-    """
+def nonfinite_parts(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(nan, posinf, dead)`` bool masks of ``logits`` ``(..., C)``: NaN and ``+inf`` values, and the
+    positions whose logits are all ``-inf`` (no class left to predict). A ``-inf`` among finite logits is a
+    legitimate masked class (a padded vocabulary) and is not flagged."""
     values = logits.detach()
-    if not values.is_floating_point():
-        return torch.zeros((), dtype=torch.long, device=values.device)
-    bad = torch.isnan(values).sum() + torch.isposinf(values).sum()
-    if values.dim() >= 1 and values.shape[-1] > 0:
-        bad = bad + torch.isneginf(values).all(dim=-1).sum() * values.shape[-1]
-    return bad
+    neginf = torch.isneginf(values)
+    dead = neginf.all(dim=-1) if values.dim() > 1 else neginf
+    return torch.isnan(values), torch.isposinf(values), dead
+
+
+def nonfinite_count(logits: Tensor) -> Tensor:
+    """How many values of ``logits`` are unusable (see :func:`nonfinite_parts`), as a 0-d tensor on their device."""
+    if not logits.is_floating_point():
+        return torch.zeros((), dtype=torch.long, device=logits.device)
+    nan, posinf, dead = nonfinite_parts(logits)
+    width = logits.shape[-1] if logits.dim() > 1 else 1
+    return nan.sum() + posinf.sum() + dead.sum() * width
 
 
 @dataclass

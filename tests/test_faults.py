@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from test_cli import SMOKE, communicate_or_kill, make_cfg, read_report
+from test_cli import SMOKE, _one_thread_and_restored_globals, communicate_or_kill, make_cfg, read_report  # noqa: F401 (an autouse fixture)
 
 from lightning_kd import cli, report, runs
 from lightning_kd.checkpoint import CheckpointError
@@ -29,13 +29,6 @@ SCRATCH = ("task=scratch", *SMOKE, "student.epochs=3")  # 3 epochs: a stop after
 DISTILL = ("task.stages=[teacher,student_distilled]", *SMOKE)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_restored_globals():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
