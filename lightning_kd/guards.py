@@ -50,7 +50,7 @@ def nonfinite_count(logits: Tensor) -> Tensor:
 
 @dataclass
 class _Record:
-    kind: str  # "teacher" | "loss" | "targets"
+    kind: str  # "teacher" | "student" | "loss" | "targets"
     where: str  # e.g. "training step 12 (batch 3 of epoch 0)"
     values: Tensor  # (3,) on the device: count, then two kind-specific numbers
     total: int
@@ -73,9 +73,16 @@ class ValueGuard:
 
     def check_teacher(self, logits: Tensor, where: str) -> None:
         """Refuse teacher outputs with NaN, ``+inf`` or a position that is ``-inf`` everywhere."""
+        self._check_outputs("teacher", logits, where)
+
+    def check_student(self, logits: Tensor, where: str) -> None:
+        """Refuse student outputs that are unusable in the same way (in evaluation, where no loss would catch them)."""
+        self._check_outputs("student", logits, where)
+
+    def _check_outputs(self, model: str, logits: Tensor, where: str) -> None:
         count = nonfinite_count(logits)
         zero = torch.zeros((), device=count.device, dtype=count.dtype)
-        self._record(_Record("teacher", where, torch.stack([count, zero, zero]), logits.numel()), logits.device)
+        self._record(_Record(model, where, torch.stack([count, zero, zero]), logits.numel()), logits.device)
 
     def check_loss(self, loss: Tensor, where: str) -> None:
         """Refuse a training loss that is NaN or infinite."""
@@ -124,6 +131,12 @@ def _error(record: _Record, count: int, a: float, b: float) -> Exception:
             f"that are -inf for every class) of {record.total}. Distilling from them would train the student on "
             "garbage: check the teacher's weights (were they saved from a run that diverged?), its inputs, and "
             "its precision (`teacher_dtype`; float16 overflows above 65504)."
+        )
+    if record.kind == "student":
+        return NonFiniteError(
+            f"The student's outputs at {record.where} hold {count} non-finite value(s) (NaN, +inf, or positions that "
+            f"are -inf for every class) of {record.total}: its metrics would be meaningless. Check the inputs and the "
+            "student's weights (a diverged run?), or its precision."
         )
     if record.kind == "loss":
         return NonFiniteError(

@@ -59,6 +59,12 @@ class DistillationMetrics(nn.ModuleDict):
             if t is not None and stage != "train":
                 self[f"{stage}_teacher_mse"].update((t - targets).pow(2).mean(-1)[labeled])
             return
+        if targets.shape != s.shape[:-1]:
+            raise ValueError(
+                f"Expected class targets of shape {tuple(s.shape[:-1])} (the outputs without their class dimension) for "
+                f"the accuracy metrics, but got {tuple(targets.shape)}. Return them in that shape from `unpack_batch` "
+                "(e.g. `targets.squeeze(-1)`)."
+            )
         labeled = targets != IGNORE_INDEX
         self[f"{stage}_acc"].update((s.argmax(-1) == targets)[labeled].float())
         if t is not None and stage != "train":

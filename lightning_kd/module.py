@@ -398,6 +398,10 @@ class DistillationModule(L.LightningModule):
         targets are checked here (``where`` names the batch in the errors)."""
         batch, cached = batch_utils.split_cached(batch)
         inputs, targets = self.unpack_batch(batch)
+        if _empty(inputs):  # every mean over it would be NaN
+            raise ValueError(f"The batch at {where} holds no sample: check the DataLoader (its sampler and `collate_fn`).")
+        if isinstance(targets, Tensor) and targets.dtype not in (torch.int64, torch.bool) and not targets.is_floating_point():
+            targets = targets.long()  # int32/uint8 class indices: what cross-entropy, one-hot and the metrics need
         if self.channels_last:
             inputs = apply_to_collection(inputs, Tensor, _to_channels_last)
         teacher_out = None
@@ -488,6 +492,7 @@ class DistillationModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: Any, where: str) -> None:
         _, targets, student_out, teacher_out = self._forward(batch, where)
+        self._guard.check_student(student_out, where)  # in training a non-finite output makes the loss non-finite
         if targets is not None:
             self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
         self._update_metrics(stage, student_out, teacher_out, targets)
@@ -738,6 +743,13 @@ def _check_not_shared(teacher: nn.Module, student: nn.Module) -> None:
             f"to the teacher too: {listed}. The frozen teacher would freeze them; give the student its own copy "
             "(e.g. `copy.deepcopy(layer)`)."
         )
+
+
+def _empty(inputs: Any) -> bool:
+    try:
+        return batch_utils.batch_size(inputs) == 0
+    except (TypeError, IndexError, StopIteration):  # inputs of a user's own kind: not ours to size
+        return False
 
 
 def _plain(value: Any) -> Any:

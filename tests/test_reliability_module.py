@@ -16,6 +16,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -233,6 +234,7 @@ torch.save(checkpoint, {str(payload)!r})
     subprocess.run([sys.executable, "-c", script], check=True)
     code = f"""
 import torch
+import torch.nn.functional as F
 from torch import nn
 from lightning_kd import DistillationModule, load_weights
 for load in (
@@ -281,3 +283,45 @@ def test_load_checkpoint_reads_a_good_file(saved_run):
     checkpoint = load_checkpoint(tmp_path / "run.ckpt")
     assert torch.equal(checkpoint["state_dict"]["student.weight"], module.student.weight.detach().cpu())
     assert not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+
+
+# ---------------------------------------------------------------------------- found by trying it as a new user
+class NaNWhenEvaluated(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.training else out * math.nan
+
+
+def test_non_finite_student_output_in_validation_stops_the_run():
+    x, y = data()
+    module = DistillationModule(nn.Linear(3, C), NaNWhenEvaluated(3, C))
+    with pytest.raises(NonFiniteError, match=r"The student's outputs at validation batch 0 \(epoch 0\) hold 20 non-finite"):
+        trainer().fit(module, loader(x, y), loader(x[:4], y[:4]))
+
+
+def test_an_empty_batch_is_refused():
+    x, y = data()
+    empty = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=lambda items: (torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"The batch at training step 0 \(batch 0 of epoch 0\) holds no sample"):
+        trainer().fit(DistillationModule(nn.Linear(3, C), nn.Linear(3, C)), empty)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+@pytest.mark.parametrize("hard_loss", ["cross_entropy", "mse"])
+def test_integer_targets_of_any_width_train_as_int64(dtype, hard_loss):
+    """int32/uint8 class indices give exactly the int64 run (they were a raw torch error)."""
+    x, y = data()
+    weights = []
+    for targets in (y, y.to(dtype)):
+        L.seed_everything(0, verbose=False)
+        module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=hard_loss)
+        trainer().fit(module, loader(x, targets))
+        weights.append(module.student.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_targets_of_another_shape_with_a_custom_hard_loss_get_our_message():
+    x, y = data()
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=lambda out, t: F.cross_entropy(out, t.view(-1)))
+    with pytest.raises(ValueError, match=r"Expected class targets of shape \(4,\) .* but got \(4, 1\).*squeeze"):
+        trainer().fit(module, loader(x, y.unsqueeze(-1)))

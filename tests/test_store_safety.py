@@ -544,3 +544,40 @@ def test_a_real_full_file_system_gives_our_error_not_sigbus(tmp_path):
     lines = [line for line in run.stdout.splitlines() if line.startswith("ERRNO")]
     for line, state in zip(lines, ("missing", "incomplete"), strict=True):
         assert line.startswith(f"ERRNO {errno.ENOSPC} {state} [Errno {errno.ENOSPC}] Not enough disk space for the soft-target store"), line
+
+
+# ---------------------------------------------------------------------------- found by trying it as a new user
+@pytest.mark.parametrize("link", ["part-folder", "array-file"])
+def test_a_symbolic_link_inside_a_store_is_refused(data, tmp_path, link):
+    """A tampered store must not read outside its directory through a link (the manifest's checksums would match a copy)."""
+    store_dir = tmp_path / "store"
+    build(data, store_dir)
+    outside = tmp_path / "outside"
+    if link == "part-folder":
+        shutil.move(store_dir / "train", outside)
+        (store_dir / "train").symlink_to(outside, target_is_directory=True)
+    else:
+        outside.mkdir()
+        shutil.move(store_dir / "train" / "logits.npy", outside / "logits.npy")
+        (store_dir / "train" / "logits.npy").symlink_to(outside / "logits.npy")
+    with pytest.raises(RuntimeError, match=r"is a symbolic link, and a store never reads outside its own directory"):
+        SoftTargetStore(store_dir)
+
+
+def test_a_store_itself_behind_a_link_opens(data, tmp_path):
+    build(data, tmp_path / "store")
+    (tmp_path / "link").symlink_to(tmp_path / "store", target_is_directory=True)
+    assert torch.equal(SoftTargetStore(tmp_path / "link").lookup("train", torch.arange(3)), SoftTargetStore(tmp_path / "store").lookup("train", torch.arange(3)))
+
+
+@pytest.mark.parametrize("index", [[N], [-1], [0, N + 5]], ids=["one-past-the-end", "negative", "far-out"])
+def test_lookup_refuses_indices_outside_the_part(data, tmp_path, index):
+    store = build(data, tmp_path / "store")
+    with pytest.raises(IndexError, match=rf"Expected sample indices in \[0, {N}\) for part 'train'"):
+        store.lookup("train", torch.tensor(index))
+
+
+def test_lookup_of_an_unknown_part_names_the_parts(data, tmp_path):
+    store = build(data, tmp_path / "store")
+    with pytest.raises(KeyError, match=r"has no part 'nope'. Expected one of: train"):
+        store.lookup("nope", torch.tensor([0]))

@@ -207,6 +207,11 @@ class SoftTargetStore:
 
     def _open_array(self, part: str, name: str, meta: dict[str, Any], verify: bool) -> np.ndarray:
         file = self.path / part / f"{name}.npy"
+        if (self.path / part).is_symlink() or file.is_symlink():  # the store itself may be a link; nothing inside it
+            raise RuntimeError(
+                f"Soft-target store {self.path} is not a plain store: {part}{'' if (self.path / part).is_symlink() else '/' + name + '.npy'} "
+                "is a symbolic link, and a store never reads outside its own directory. Rebuild it."
+            )
         if not file.is_file() or file.stat().st_size != meta["bytes"]:
             size = file.stat().st_size if file.is_file() else "missing"
             raise RuntimeError(
@@ -313,7 +318,7 @@ class SoftTargetStore:
     def lookup(self, part: str, index: Tensor, epoch: int = 0) -> Tensor | TopKLogits:
         """The teacher's outputs for samples ``index`` (``(B,)``) at ``epoch``: a CPU tensor in the stored
         dtype, ``(B, *output_shape)``, or :class:`TopKLogits` for a top-k store."""
-        arrays, e, rows = self.arrays[part], self._epoch(epoch), index.cpu().numpy()
+        arrays, e, rows = self._part(part), self._epoch(epoch), self._rows(part, index)
         if self.top_k is None:
             return _from_numpy(arrays["logits"][e][rows], self.dtype)
         return TopKLogits(
@@ -324,9 +329,25 @@ class SoftTargetStore:
 
     def augmentation_params(self, part: str, index: Tensor, epoch: int = 0) -> Tensor | None:
         """The recorded augmentation parameters of samples ``index`` at ``epoch`` (None without augmentation)."""
-        if "params" not in self.arrays[part]:
+        if "params" not in self._part(part):
             return None
-        return torch.from_numpy(np.asarray(self.arrays[part]["params"][self._epoch(epoch)][index.cpu().numpy()]))
+        return torch.from_numpy(np.asarray(self.arrays[part]["params"][self._epoch(epoch)][self._rows(part, index)]))
+
+    def _part(self, part: str) -> dict[str, np.ndarray]:
+        if part not in self.arrays:
+            raise KeyError(f"Soft-target store {self.path} has no part {part!r}. Expected one of: {', '.join(self.arrays)}.")
+        return self.arrays[part]
+
+    def _rows(self, part: str, index: Tensor) -> np.ndarray:
+        """``index`` as row numbers, refusing any outside ``[0, N)`` (numpy would wrap a negative one round silently)."""
+        rows = index.cpu().numpy()
+        length = self.manifest["parts"][part]["identity"]["length"]
+        if rows.size and (rows.min() < 0 or rows.max() >= length):
+            raise IndexError(
+                f"Expected sample indices in [0, {length}) for part {part!r} of soft-target store {self.path}, but got "
+                f"values from {rows.min()} to {rows.max()}."
+            )
+        return rows
 
 
 def _from_numpy(array: np.ndarray, dtype: str) -> Tensor:
