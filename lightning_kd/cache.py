@@ -31,9 +31,9 @@ from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.augment import Augmentation
 from lightning_kd.data.indexed import indexed_loader, loader_parts
 from lightning_kd.data.soft_targets import DTYPES, SoftTargetStore, store_spec
-from lightning_kd.data.store_manifest import MANIFEST, NUMPY_DTYPES, array_files, data_bytes, file_sha256, require_empty_store_path
+from lightning_kd.data.store_manifest import MANIFEST, NUMPY_DTYPES, array_files, data_bytes, require_empty_store_path
 from lightning_kd.guards import nonfinite_parts
-from lightning_kd.io import atomic_write_json
+from lightning_kd.io import atomic_write_json, file_sha256
 from lightning_kd.losses.topk import TopKLogits
 from lightning_kd.module import DistillationModule
 

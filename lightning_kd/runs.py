@@ -37,7 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
 from lightning_kd.data.soft_targets import store_state
-from lightning_kd.io import atomic_write, atomic_write_json, read_json
+from lightning_kd.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger("lightning_kd")
 
@@ -194,11 +194,7 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
+        _DIGESTS[key] = file_sha256(path)
     return _DIGESTS[key]
 
 

@@ -33,7 +33,7 @@ from lightning_kd.data.soft_targets import (
     store_spec,
     store_state,
 )
-from lightning_kd.data.store_manifest import file_sha256
+from lightning_kd.io import file_sha256
 
 N, D, C, B = 40, 6, 5, 8
 

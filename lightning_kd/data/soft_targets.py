@@ -45,7 +45,6 @@ from lightning_kd.data.store_manifest import (
     NUMPY_DTYPES,
     PART_NAME_RULE,
     check_format,
-    file_sha256,
     valid_part_name,
     validate_manifest,
 )
@@ -57,7 +56,7 @@ from lightning_kd.data.store_manifest import (  # noqa: F401  (re-exported: wher
     require_empty_store_path,
     store_state,
 )
-from lightning_kd.io import read_json
+from lightning_kd.io import file_sha256, read_json
 from lightning_kd.losses.topk import TopKLogits
 
 _PROBES = 8  # samples fetched twice to detect random augmentation and hashed to identify the data

@@ -14,7 +14,6 @@ Formats:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -64,14 +63,6 @@ def array_files(spec: dict[str, Any], part: str) -> dict[str, tuple[tuple[int, .
     if spec["augmentation"] is not None:
         files["params"] = (lead + (spec["augmentation_params"],), "float32")
     return files
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_bytes(shape: tuple[int, ...], dtype: str) -> int:
