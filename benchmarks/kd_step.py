@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_kd import DistillationModule
-from lightning_kd.cache import build_soft_targets
-from lightning_kd.data.indexed import with_soft_targets
+from lightning_kd.soft_targets.build import build_soft_targets
+from lightning_kd.soft_targets.batches import with_soft_targets
 from lightning_kd.models import get_model
 
 T, ALPHA = 4.0, 0.9

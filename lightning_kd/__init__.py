@@ -2,26 +2,46 @@
 
 A frozen teacher, a trainable student, a callback that anneals temperature and alpha, and Hydra
 configs that run the whole teacher -> student workflow.
+
+The names below load on first use (PEP 562): ``import lightning_kd.losses`` or
+``lightning_kd.schedules`` imports torch (or nothing) but not Lightning.
 """
 
-__version__ = "0.1.0"  # before the imports: the soft-target store records it
+from __future__ import annotations
 
-from lightning_kd.cache import build_soft_targets
-from lightning_kd.callbacks import DistillationAnnealing
-from lightning_kd.data.indexed import SoftTargetDataModule, with_soft_targets
-from lightning_kd.data.soft_targets import SoftTargetStore
-from lightning_kd.losses import kd_loss
-from lightning_kd.module import DistillationModule
-from lightning_kd.weights import load_weights
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-__all__ = [
-    "DistillationAnnealing",
-    "DistillationModule",
-    "SoftTargetDataModule",
-    "SoftTargetStore",
-    "build_soft_targets",
-    "kd_loss",
-    "load_weights",
-    "with_soft_targets",
-    "__version__",
-]
+try:
+    __version__ = version("lightning-kd")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+_EXPORTS = {
+    "DistillationAnnealing": "lightning_kd.callbacks",
+    "DistillationModule": "lightning_kd.module",
+    "Speed": "lightning_kd.module",
+    "SoftTargetDataModule": "lightning_kd.soft_targets.batches",
+    "SoftTargetStore": "lightning_kd.soft_targets.store",
+    "build_soft_targets": "lightning_kd.soft_targets.build",
+    "with_soft_targets": "lightning_kd.soft_targets.batches",
+    "KDLoss": "lightning_kd.losses",
+    "kd_loss": "lightning_kd.losses",
+    "load_teacher": "lightning_kd.teachers",
+    "load_weights": "lightning_kd.weights",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

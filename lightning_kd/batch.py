@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_kd.data.indexed import CachedBatch
+from lightning_kd.soft_targets.batches import SoftTargetBatch
 from lightning_kd.losses import IGNORE_INDEX
 
 _INPUT_KEYS = ("inputs", "input", "x", "images", "image", "input_ids")
@@ -25,17 +25,17 @@ _FORMATS = (
 )
 
 
-def split_cached(batch: Any) -> tuple[Any, list[CachedBatch] | None]:
-    """Take the sample indices off a batch from :func:`~lightning_kd.data.soft_targets.with_soft_targets`.
+def split_cached(batch: Any) -> tuple[Any, list[SoftTargetBatch] | None]:
+    """Take the sample indices off a batch from :func:`~lightning_kd.soft_targets.store.with_soft_targets`.
 
     Returns the user's batch as their DataLoader made it (a dict of them for a ``CombinedLoader``)
-    and the :class:`CachedBatch` es in the order :func:`unpack` concatenates them; ``None`` for a
+    and the :class:`SoftTargetBatch` es in the order :func:`unpack` concatenates them; ``None`` for a
     batch without indices.
     """
-    if isinstance(batch, CachedBatch):
+    if isinstance(batch, SoftTargetBatch):
         return batch.batch, [batch]
-    if isinstance(batch, Mapping) and any(isinstance(v, CachedBatch) for v in batch.values()):
-        if not all(v is None or isinstance(v, CachedBatch) for v in batch.values()):
+    if isinstance(batch, Mapping) and any(isinstance(v, SoftTargetBatch) for v in batch.values()):
+        if not all(v is None or isinstance(v, SoftTargetBatch) for v in batch.values()):
             raise TypeError("A combined batch mixes loaders with and without soft targets; wrap all of them.")
         cached = [v for v in batch.values() if v is not None]
         return {k: (None if v is None else v.batch) for k, v in batch.items()}, cached

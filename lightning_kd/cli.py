@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_kd import report, runs
-from lightning_kd.cache import build_soft_targets
+from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.checkpoint import fingerprint
-from lightning_kd.data.indexed import SoftTargetDataModule
-from lightning_kd.data.soft_targets import SoftTargetStore, prepare_store_path, store_state
+from lightning_kd.soft_targets.batches import SoftTargetDataModule
+from lightning_kd.soft_targets.store import SoftTargetStore, prepare_store_path, store_state
 from lightning_kd.io import atomic_write
 from lightning_kd.module import DistillationModule
 from lightning_kd.teachers import TeacherEnsemble, resolve_dtype

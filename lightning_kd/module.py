@@ -21,8 +21,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_kd import batch as batch_utils
 from lightning_kd.checkpoint import CheckpointError, allow_missing_teacher_keys, drop_teacher_keys, fingerprint, load_checkpoint
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.data.indexed import CachedBatch
-from lightning_kd.data.soft_targets import SoftTargetStore, open_store
+from lightning_kd.soft_targets.batches import SoftTargetBatch
+from lightning_kd.soft_targets.store import SoftTargetStore, open_store
 from lightning_kd.features import FeatureDistillation
 from lightning_kd.guards import ValueGuard
 from lightning_kd.metrics import DistillationMetrics
@@ -437,7 +437,7 @@ class DistillationModule(L.LightningModule):
                 "batch size that does not leave a last batch of 1)."
             ) from err
 
-    def _augment(self, inputs: Any, cached: list[CachedBatch] | None) -> Tensor:
+    def _augment(self, inputs: Any, cached: list[SoftTargetBatch] | None) -> Tensor:
         if not isinstance(inputs, Tensor):
             raise TypeError("`augmentation` applies to tensor inputs; override `unpack_batch` to return one.")
         if self.soft_targets is not None:  # replay the views the teacher's outputs were recorded on

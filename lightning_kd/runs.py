@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
-from lightning_kd.data.soft_targets import store_state
+from lightning_kd.soft_targets.store import store_state
 from lightning_kd.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger("lightning_kd")

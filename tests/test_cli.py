@@ -26,7 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_kd import cli
-from lightning_kd.data.soft_targets import SoftTargetStore
+from lightning_kd.soft_targets.store import SoftTargetStore
 
 ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "checkpoint_bytes", "latency_ms"}
 TEACHER_PARAMS, STUDENT_PARAMS = 25_258, 15_210  # cnn1d; mlp 40 -> 100 -> 100 -> 10

@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_kd import DistillationModule
-from lightning_kd.cache import build_soft_targets
+from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.data.augment import RandomScale, RandomShift
-from lightning_kd.data.indexed import CachedBatch, SoftTargetDataModule, indexed_loader, with_soft_targets
-from lightning_kd.data.soft_targets import SoftTargetStore
+from lightning_kd.soft_targets.batches import SoftTargetBatch, SoftTargetDataModule, indexed_loader, with_soft_targets
+from lightning_kd.soft_targets.store import SoftTargetStore
 from lightning_kd.losses import TopKLogits, kd_loss
 
 N, D, C, B = 96, 12, 7, 16
@@ -389,7 +389,7 @@ def test_combined_loaders_map_to_parts_and_a_labeled_only_loader_reuses_its_part
     assert torch.equal(store.lookup("unlabeled", torch.arange(40)), sequential_outputs(teacher, unlabeled.tensors[0], batch_size=8))
 
     batch, _, _ = next(iter(with_soft_targets(combined(), store)))
-    assert isinstance(batch["labeled"], CachedBatch) and batch["unlabeled"].part == "unlabeled"
+    assert isinstance(batch["labeled"], SoftTargetBatch) and batch["unlabeled"].part == "unlabeled"
     single = with_soft_targets(loader(data), store)  # named "train", matched to "labeled" by its content
     assert next(iter(single)).part == "labeled"
 

@@ -23,10 +23,10 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_kd.cache import StoreWriter, build_soft_targets
+from lightning_kd.soft_targets.build import StoreWriter, build_soft_targets
 from lightning_kd.data.augment import RandomShift
-from lightning_kd.data.indexed import SoftTargetDataModule, with_soft_targets
-from lightning_kd.data.soft_targets import (
+from lightning_kd.soft_targets.batches import SoftTargetDataModule, with_soft_targets
+from lightning_kd.soft_targets.store import (
     SoftTargetStore,
     prepare_store_path,
     remove_incomplete_store,
@@ -208,7 +208,7 @@ def test_our_unfinished_store_is_removed_file_by_file_and_rebuilt_in_the_users_f
     (tmp_path / "beside.txt").write_text("mine")  # next to the store: untouched
     with pytest.raises(RuntimeError, match=r"is incomplete: its build did not finish. Remove it with .*remove_incomplete_store"):
         SoftTargetStore(d)
-    with pytest.raises(FileExistsError, match=r"unfinished build of a soft-target store .*Remove it with `lightning_kd.data.soft_targets.remove_incomplete_store"):
+    with pytest.raises(FileExistsError, match=r"unfinished build of a soft-target store .*Remove it with `lightning_kd.soft_targets.store.remove_incomplete_store"):
         build(data, d)
     assert prepare_store_path(d) is False  # removed: build it
     assert d.is_dir() and not any(d.iterdir()) and store_state(d) == "empty"  # the folder is kept (it may be the user's)
@@ -524,8 +524,8 @@ def test_a_real_full_file_system_gives_our_error_not_sigbus(tmp_path):
         import shutil, lightning as L, torch
         from torch import nn
         from torch.utils.data import DataLoader, TensorDataset
-        from lightning_kd.cache import build_soft_targets
-        from lightning_kd.data.soft_targets import store_state
+        from lightning_kd.soft_targets.build import build_soft_targets
+        from lightning_kd.soft_targets.store import store_state
         data = TensorDataset(torch.randn(2048, 4), torch.zeros(2048, dtype=torch.long))
         real = shutil.disk_usage
         for where, fake in (("{mnt}/st", False), ("{tmp_path}/mnt2/st", True)):

@@ -18,10 +18,10 @@ rows are keyed by sample index. A part is one training dataset (``train``, or ea
 ``CombinedLoader``, e.g. ``labeled`` and ``unlabeled``). Arrays are plain ``.npy`` files (bfloat16
 is stored as its uint16 bit pattern): no pickle, no per-sample files, readable with ``np.load``.
 
-Reading needs the sample index of every row of a batch: see :mod:`lightning_kd.data.indexed`.
-Building is :mod:`lightning_kd.cache`; the manifest's schema, the format versions and which files
+Reading needs the sample index of every row of a batch: see :mod:`lightning_kd.soft_targets.batches`.
+Building is :mod:`lightning_kd.soft_targets.build`; the manifest's schema, the format versions and which files
 of a directory belong to a store (:func:`store_state`, :func:`remove_incomplete_store`) are
-:mod:`lightning_kd.data.store_manifest`. Every file of a store gets the mode the user's umask gives
+:mod:`lightning_kd.soft_targets.manifest`. Every file of a store gets the mode the user's umask gives
 (``0o666 & ~umask``), so a store shared through a group-writable umask opens for colleagues.
 """
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
-from lightning_kd.data.store_manifest import (
+from lightning_kd.soft_targets.manifest import (
     FORMAT_VERSION,
     KIND,
     MANIFEST,
@@ -48,7 +48,7 @@ from lightning_kd.data.store_manifest import (
     valid_part_name,
     validate_manifest,
 )
-from lightning_kd.data.store_manifest import (  # noqa: F401  (re-exported: where users look for the store's API)
+from lightning_kd.soft_targets.manifest import (  # noqa: F401  (re-exported: where users look for the store's API)
     DTYPES,
     StoreState,
     prepare_store_path,
@@ -153,9 +153,12 @@ def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
 
 
 def _version() -> str:
-    from lightning_kd import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("lightning-kd")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0+unknown"
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -173,7 +176,7 @@ class SoftTargetStore:
         RuntimeError: if the store is incomplete (an interrupted build), from another format
             version, truncated, or corrupted, or if its manifest breaks the schema (a missing key,
             a wrong type, a part name that is not a plain folder name, an unknown file: see
-            :func:`~lightning_kd.data.store_manifest.validate_manifest`).
+            :func:`~lightning_kd.soft_targets.manifest.validate_manifest`).
 
     Example::
 
@@ -195,7 +198,7 @@ class SoftTargetStore:
         if manifest.get("complete") is not True:
             raise RuntimeError(
                 f"Soft-target store {self.path} is incomplete: its build did not finish. Remove it with "
-                "`lightning_kd.data.soft_targets.remove_incomplete_store(path)` (a `lightning-kd task=cache` run does "
+                "`lightning_kd.soft_targets.store.remove_incomplete_store(path)` (a `lightning-kd task=cache` run does "
                 "it for `cache.path`) and build it again."
             )
         validate_manifest(manifest, manifest_path)  # part names, file names, shapes, dtypes: before any file is opened
@@ -203,6 +206,15 @@ class SoftTargetStore:
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         for part, info in manifest["parts"].items():
             self.arrays[part] = {name: self._open_array(part, name, meta, verify) for name, meta in info["files"].items()}
+
+    @staticmethod
+    def is_complete(path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` holds a finished store of ours (cheap: reads the manifest only, hashes nothing).
+
+        An unfinished build, a missing or empty folder, and anything that is not our store are all
+        ``False``; :func:`~lightning_kd.soft_targets.manifest.store_state` says which.
+        """
+        return store_state(path) == "complete"
 
     def _open_array(self, part: str, name: str, meta: dict[str, Any], verify: bool) -> np.ndarray:
         file = self.path / part / f"{name}.npy"
@@ -372,7 +384,7 @@ def store_spec(
     augmentation_seed: int,
     world_size: int,
 ) -> dict[str, Any]:
-    """The manifest of a store about to be built (files and checksums are added by :meth:`lightning_kd.cache.StoreWriter.finish`).
+    """The manifest of a store about to be built (files and checksums are added by :meth:`lightning_kd.soft_targets.build.StoreWriter.finish`).
 
     Raises:
         ValueError: if a part name (a key of the training loaders) is not a plain folder name.

@@ -306,7 +306,7 @@ def require_empty_store_path(path: str | os.PathLike[str]) -> None:
     if state == "complete":
         hint = "it holds a finished soft-target store. Open it with `SoftTargetStore(path)`, or choose another `cache.path`."
     elif state == "incomplete":
-        hint = (f"{why}. Remove it with `lightning_kd.data.soft_targets.remove_incomplete_store(path)` (it deletes only the "
+        hint = (f"{why}. Remove it with `lightning_kd.soft_targets.store.remove_incomplete_store(path)` (it deletes only the "
                 "store's own files) and build again, or choose another `cache.path`.")
     else:
         raise FileExistsError(foreign_path_message(path, why))

@@ -6,7 +6,7 @@ padding, no duplicates) and writes its rows into the shared memory-mapped arrays
 checks that every row was written exactly once and seals the manifest.
 
 A build that fails (non-finite teacher outputs, a full disk, a crash) leaves the store unsealed
-(``"complete": false``): it is refused when opened, and :func:`~lightning_kd.data.soft_targets.remove_incomplete_store`
+(``"complete": false``): it is refused when opened, and :func:`~lightning_kd.soft_targets.store.remove_incomplete_store`
 deletes exactly its files.
 """
 
@@ -29,9 +29,9 @@ from typing_extensions import override
 
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.data.indexed import indexed_loader, loader_parts
-from lightning_kd.data.soft_targets import DTYPES, SoftTargetStore, store_spec
-from lightning_kd.data.store_manifest import MANIFEST, NUMPY_DTYPES, array_files, data_bytes, require_empty_store_path
+from lightning_kd.soft_targets.batches import indexed_loader, loader_parts
+from lightning_kd.soft_targets.store import DTYPES, SoftTargetStore, store_spec
+from lightning_kd.soft_targets.manifest import MANIFEST, NUMPY_DTYPES, array_files, data_bytes, require_empty_store_path
 from lightning_kd.guards import nonfinite_parts
 from lightning_kd.io import atomic_write_json, file_sha256
 from lightning_kd.losses.topk import TopKLogits
@@ -310,7 +310,7 @@ def build_soft_targets(
         data: a datamodule (its ``train_dataloader()``: one loader, or each loader of a
             ``CombinedLoader`` as its own part) or training DataLoader(s).
         path: the store directory; must not exist or be empty (nothing there is ever deleted: an
-            interrupted build is removed with :func:`~lightning_kd.data.soft_targets.remove_incomplete_store`).
+            interrupted build is removed with :func:`~lightning_kd.soft_targets.store.remove_incomplete_store`).
         dtype: storage dtype of the logits: ``"float32"`` (exact: distilling from the store gives the
             same student as online KD), ``"float16"`` (half the space; refused when a logit
             overflows it) or ``"bfloat16"`` (half the space, float32's range).

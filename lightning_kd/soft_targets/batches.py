@@ -1,7 +1,7 @@
 """Training batches that carry their sample indices, so that a soft-target store can be read by index.
 
 :func:`with_soft_targets` rebuilds a DataLoader (keeping its sampler, batch size, workers and
-collate function) so that it yields :class:`CachedBatch` es: the user's batch, untouched, plus the
+collate function) so that it yields :class:`SoftTargetBatch` es: the user's batch, untouched, plus the
 index of each row. :class:`SoftTargetDataModule` does it for a whole datamodule.
 """
 
@@ -18,11 +18,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from lightning_kd.data.soft_targets import SoftTargetStore, open_store, require_map_style
+from lightning_kd.soft_targets.store import SoftTargetStore, open_store, require_map_style
 
 
 @dataclass
-class CachedBatch:
+class SoftTargetBatch:
     """A training batch as the user's DataLoader made it, plus the sample index of each row.
 
     Attributes:
@@ -41,7 +41,7 @@ class IndexedDataset(Dataset):
 
     Raises:
         TypeError: for an ``IterableDataset`` (no index to key the targets by): the same message as
-            every entry point gives (:func:`~lightning_kd.data.soft_targets.require_map_style`).
+            every entry point gives (:func:`~lightning_kd.soft_targets.store.require_map_style`).
     """
 
     def __init__(self, dataset: Dataset, part: str = "train") -> None:
@@ -56,19 +56,19 @@ class IndexedDataset(Dataset):
 
 
 class IndexedCollate:
-    """The user's ``collate_fn`` on the samples, wrapped in a :class:`CachedBatch` with their indices."""
+    """The user's ``collate_fn`` on the samples, wrapped in a :class:`SoftTargetBatch` with their indices."""
 
     def __init__(self, collate_fn: Callable[[list[Any]], Any], part: str) -> None:
         self.collate_fn = collate_fn
         self.part = part
 
-    def __call__(self, items: list[tuple[int, Any]]) -> CachedBatch:
+    def __call__(self, items: list[tuple[int, Any]]) -> SoftTargetBatch:
         indices = torch.tensor([i for i, _ in items], dtype=torch.int64)
-        return CachedBatch(self.part, indices, self.collate_fn([sample for _, sample in items]))
+        return SoftTargetBatch(self.part, indices, self.collate_fn([sample for _, sample in items]))
 
 
 def indexed_loader(loader: DataLoader, part: str, *, sequential: bool = False, batch_size: int | None = None) -> DataLoader:
-    """A copy of ``loader`` whose batches are :class:`CachedBatch` es of ``part``.
+    """A copy of ``loader`` whose batches are :class:`SoftTargetBatch` es of ``part``.
 
     Sampler, batch size, workers and collate function are kept (``sequential=True`` instead visits
     every sample once, in order, as a cache build needs).
@@ -114,7 +114,7 @@ def loader_parts(loaders: Any) -> dict[str, DataLoader]:
 
 
 def with_soft_targets(loaders: Any, store: SoftTargetStore) -> Any:
-    """Make training ``loaders`` yield :class:`CachedBatch` es that ``store`` has targets for.
+    """Make training ``loaders`` yield :class:`SoftTargetBatch` es that ``store`` has targets for.
 
     Each loader's dataset is checked against the store (same data, no random augmentation), then
     the loader is rebuilt around it, keeping its sampler (a sampler that is already a
