@@ -2,7 +2,9 @@
 
 A schedule maps an optimizer step (or an epoch) and the run's horizon to a value, with no hidden
 state, like nanoGPT's ``get_lr(it)``: whoever evaluates it can resume a run at any step and get the
-same trajectory. Plain Python on purpose: no torch, no Lightning, no Hydra.
+same trajectory. Schedules are frozen dataclasses, values rather than objects with a life: ``repr``,
+``==`` and ``hash`` come for free, and ``dataclasses.replace`` derives a variant. Plain Python on
+purpose: no torch, no Lightning, no Hydra.
 
 Every schedule shares the same time axis. With ``H`` the horizon (the schedule's own ``total`` if
 given, else the ``total`` passed by the caller) and ``W`` the warm-up length in steps:
@@ -23,21 +25,13 @@ short of it).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, fields
 from numbers import Real
 from typing import Any
 
-__all__ = [
-    "Constant",
-    "Cosine",
-    "Exponential",
-    "Linear",
-    "Schedule",
-    "Step",
-    "as_schedule",
-    "get_schedule",
-    "list_schedules",
-]
+__all__ = ["Constant", "Cosine", "Exponential", "Linear", "Schedule", "Step", "as_schedule"]
 
 
 def _is_real(x: Any) -> bool:
@@ -52,23 +46,23 @@ def _check_real(name: str, x: Any) -> float:
     return float(x)
 
 
-def _check_warmup(warmup: Any) -> int | float:
+def _check_warmup(name: str, warmup: Any) -> int | float:
     # int = a number of steps; float = a fraction of the horizon. `bool` is an int subclass: refuse it.
     if isinstance(warmup, int) and not isinstance(warmup, bool):
         if warmup < 0:
-            raise ValueError(f"Expected `warmup` to be an int >= 0 (steps), but got {warmup}")
+            raise ValueError(f"Expected `{name}` to be an int >= 0 (steps), but got {warmup}")
         return warmup
     if isinstance(warmup, float):
         if not 0.0 <= warmup < 1.0:
-            raise ValueError(f"Expected `warmup` to be a float in [0, 1) (fraction of the horizon), but got {warmup}")
+            raise ValueError(f"Expected `{name}` to be a float in [0, 1) (fraction of the horizon), but got {warmup}")
         return warmup
     raise TypeError(
-        "Expected `warmup` to be an int >= 0 (steps) or a float in [0, 1) (fraction of the horizon),"
+        f"Expected `{name}` to be an int >= 0 (steps) or a float in [0, 1) (fraction of the horizon),"
         f" but got {warmup!r} of type {type(warmup).__name__}"
     )
 
 
-def _check_total(total: Any, name: str = "total") -> int | None:
+def _check_total(name: str, total: Any) -> int | None:
     if total is None:
         return None
     if not isinstance(total, int) or isinstance(total, bool):
@@ -80,10 +74,24 @@ def _check_total(total: Any, name: str = "total") -> int | None:
     return total
 
 
-class Schedule:
+# The check of each field, by name, shared by every schedule; each also normalises its value (ints
+# to floats) so that `Linear(4, 1) == Linear(4.0, 1.0)` and values are floats.
+_CHECKS = {
+    "value": _check_real,
+    "start": _check_real,
+    "end": _check_real,
+    "warmup": _check_warmup,
+    "warmup_start": lambda name, x: None if x is None else _check_real(name, x),
+    "total": _check_total,
+}
+
+
+class Schedule(ABC):
     """Base class: a value as a pure function of ``(step, total)``.
 
-    Subclasses implement :meth:`_shape`, the value at a given progress in ``[0, 1]`` after warm-up.
+    Subclasses are frozen dataclasses with their own fields first (``start, end``; ``value``;
+    ``values, milestones``), then these keyword-only ones, and implement :meth:`_shape`, the value at
+    a given progress in ``(0, 1)`` after warm-up.
 
     Args:
         start: value when the schedule proper begins (after warm-up).
@@ -91,7 +99,8 @@ class Schedule:
         warmup: warm-up length: an int number of steps, or a float fraction in ``[0, 1)`` of the
             horizon (rounded to the nearest step). During warm-up the value ramps linearly from
             ``warmup_start`` to ``start``; the schedule then runs over the rest of the horizon.
-        warmup_start: value at step 0 when there is a warm-up. Default ``start`` (hold ``start``).
+        warmup_start: value at step 0 when there is a warm-up. Default ``None``: ``start`` (hold
+            ``start``).
         total: the schedule's own horizon in steps, after which it holds ``end``. Default: the
             ``total`` that the caller passes (for :class:`~lightning_kd.DistillationAnnealing`, the
             run's number of optimizer steps or epochs).
@@ -103,24 +112,17 @@ class Schedule:
             ``[0, 1)``, or ``total < 1``.
     """
 
-    def __init__(
-        self,
-        start: float,
-        end: float,
-        *,
-        warmup: int | float = 0,
-        warmup_start: float | None = None,
-        total: int | None = None,
-    ) -> None:
-        self.start = _check_real("start", start)
-        self.end = _check_real("end", end)
-        self.warmup = _check_warmup(warmup)
-        self.warmup_start = self.start if warmup_start is None else _check_real("warmup_start", warmup_start)
-        self.total = _check_total(total)
-        self._validate()
+    start: float
+    end: float
+    warmup: int | float
+    warmup_start: float | None
+    total: int | None
 
-    def _validate(self) -> None:
-        """Checks a subclass adds on its values (called at the end of ``__init__``)."""
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]  # subclasses are dataclasses
+            if f.name in _CHECKS:
+                # Frozen: `object.__setattr__` is the dataclass way to normalise in `__post_init__`.
+                object.__setattr__(self, f.name, _CHECKS[f.name](f.name, getattr(self, f.name)))
 
     # -- evaluation ------------------------------------------------------------------------------
     def __call__(self, step: int, total: int | None = None) -> float:
@@ -137,7 +139,7 @@ class Schedule:
         warmup = self.warmup_steps(horizon)
         if step < warmup:
             frac = step / warmup
-            return (1.0 - frac) * self.warmup_start + frac * self.start
+            return (1.0 - frac) * self._warmup_from + frac * self.start
         span = horizon - warmup
         elapsed = step - warmup
         progress = 1.0 if span <= 0 else min(elapsed / span, 1.0)
@@ -166,23 +168,21 @@ class Schedule:
             >>> Linear(4.0, 1.0, warmup=5, warmup_start=0.5).value_range()
             (0.5, 4.0)
         """
-        values = self._values()
+        values = [*self._values(), *([self._warmup_from] if self.warmup else [])]
         return min(values), max(values)
 
     # -- for subclasses --------------------------------------------------------------------------
+    @abstractmethod
     def _shape(self, progress: float, elapsed: float, span: float) -> float:
         """Value at ``progress`` in ``(0, 1)``; ``elapsed`` steps of ``span`` since warm-up ended."""
-        raise NotImplementedError
 
     def _values(self) -> list[float]:
-        values = [self.start, self.end]
-        if self.warmup:
-            values.append(self.warmup_start)
-        return values
+        """The values the shape itself can take at its extremes (warm-up aside)."""
+        return [self.start, self.end]
 
-    def _params(self) -> dict[str, Any]:
-        """Constructor arguments, for ``repr`` and ``==``: the shape's own first, then common options."""
-        return {"start": self.start, "end": self.end}
+    @property
+    def _warmup_from(self) -> float:
+        return self.start if self.warmup_start is None else self.warmup_start
 
     def _horizon(self, total: int | float | None) -> int:
         horizon = self.total if self.total is not None else total
@@ -198,30 +198,8 @@ class Schedule:
             )
         return int(horizon)
 
-    # -- dunder ----------------------------------------------------------------------------------
-    def _all_params(self) -> dict[str, Any]:
-        params = self._params()
-        if self.warmup:
-            params["warmup"] = self.warmup
-            if self.warmup_start != self.start:
-                params["warmup_start"] = self.warmup_start
-        if self.total is not None:
-            params["total"] = self.total
-        return params
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._all_params().items())
-        return f"{type(self).__name__}({args})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
-            return NotImplemented
-        assert isinstance(other, Schedule)
-        return self._all_params() == other._all_params()
-
-    __hash__ = None  # type: ignore[assignment]  # mutable attributes, like a dataclass with eq=True
-
-
+@dataclass(frozen=True)
 class Constant(Schedule):
     """A constant ``value``, optionally reached by a linear warm-up from ``warmup_start``.
 
@@ -231,7 +209,7 @@ class Constant(Schedule):
     first 20 epochs.
 
     Args:
-        value: the value.
+        value: the value (also ``start`` and ``end``).
         warmup, warmup_start, total: see :class:`Schedule`.
 
     Example:
@@ -240,25 +218,38 @@ class Constant(Schedule):
         [0.0, 0.5, 1.0, 1.0]
     """
 
-    def __init__(
-        self,
-        value: float,
-        *,
-        warmup: int | float = 0,
-        warmup_start: float | None = None,
-        total: int | None = None,
-    ) -> None:
-        value = _check_real("value", value)
-        super().__init__(value, value, warmup=warmup, warmup_start=warmup_start, total=total)
+    value: float
+    _: KW_ONLY
+    warmup: int | float = 0
+    warmup_start: float | None = None
+    total: int | None = None
+
+    @property
+    def start(self) -> float:  # type: ignore[override]
+        return self.value
+
+    @property
+    def end(self) -> float:  # type: ignore[override]
+        return self.value
 
     def _shape(self, progress: float, elapsed: float, span: float) -> float:
-        return self.start
-
-    def _params(self) -> dict[str, Any]:
-        return {"value": self.start}
+        return self.value
 
 
-class Linear(Schedule):
+@dataclass(frozen=True)
+class _Interpolation(Schedule):
+    """A shape from ``start`` to ``end``: the fields of :class:`Linear`, :class:`Cosine`, :class:`Exponential`."""
+
+    start: float
+    end: float
+    _: KW_ONLY
+    warmup: int | float = 0
+    warmup_start: float | None = None
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Linear(_Interpolation):
     """Linear interpolation from ``start`` to ``end``.
 
     .. math:: f(p) = (1 - p)\\,\\text{start} + p\\,\\text{end}
@@ -276,7 +267,8 @@ class Linear(Schedule):
         return (1.0 - progress) * self.start + progress * self.end
 
 
-class Cosine(Schedule):
+@dataclass(frozen=True)
+class Cosine(_Interpolation):
     """Half-cosine from ``start`` to ``end`` (flat at both ends, like ``CosineAnnealingLR``).
 
     .. math:: f(p) = \\text{end} + (\\text{start} - \\text{end})\\,\\frac{1 + \\cos(\\pi p)}{2}
@@ -295,7 +287,8 @@ class Cosine(Schedule):
         return weight * self.start + (1.0 - weight) * self.end
 
 
-class Exponential(Schedule):
+@dataclass(frozen=True)
+class Exponential(_Interpolation):
     """Geometric interpolation from ``start`` to ``end`` (a straight line in log space).
 
     .. math:: f(p) = \\text{start}\\,\\left(\\frac{\\text{end}}{\\text{start}}\\right)^{p}
@@ -313,15 +306,17 @@ class Exponential(Schedule):
         [8.0, 4.0, 2.0, 1.0]
     """
 
-    def _validate(self) -> None:
-        for name, value in (("start", self.start), ("end", self.end)):
-            if value <= 0:
-                raise ValueError(f"Expected `{name}` of Exponential to be > 0, but got {value}")
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("start", "end"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Expected `{name}` of Exponential to be > 0, but got {getattr(self, name)}")
 
     def _shape(self, progress: float, elapsed: float, span: float) -> float:
         return self.start * (self.end / self.start) ** progress
 
 
+@dataclass(frozen=True)
 class Step(Schedule):
     """Piecewise constant: ``values[i]`` after the ``i``-th milestone.
 
@@ -329,8 +324,8 @@ class Step(Schedule):
 
     Milestones are counted on the same axis as the other schedules, from the end of the warm-up:
     either all ints (a number of steps after warm-up, ``>= 1``) or all floats in ``(0, 1)`` (a
-    fraction of the post-warm-up horizon). They must be strictly increasing. ``end`` is
-    ``values[-1]``.
+    fraction of the post-warm-up horizon). They must be strictly increasing. ``start`` is
+    ``values[0]`` and ``end`` is ``values[-1]``. Both are stored as tuples (hashable).
 
     Args:
         values: ``len(milestones) + 1`` values.
@@ -350,30 +345,39 @@ class Step(Schedule):
         [4.0, 4.0, 2.0, 1.0, 1.0]
     """
 
-    def __init__(
-        self,
-        values: Sequence[float],
-        milestones: Sequence[int | float],
-        *,
-        warmup: int | float = 0,
-        warmup_start: float | None = None,
-        total: int | None = None,
-    ) -> None:
+    values: Sequence[float]
+    milestones: Sequence[int | float]
+    _: KW_ONLY
+    warmup: int | float = 0
+    warmup_start: float | None = None
+    total: int | None = None
+
+    def __post_init__(self) -> None:
+        values, milestones = self.values, self.milestones
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise TypeError(f"Expected `values` to be a sequence of numbers, but got {values!r}")
         if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
             raise TypeError(f"Expected `milestones` to be a sequence of ints or floats, but got {milestones!r}")
-        self.values = tuple(_check_real(f"values[{i}]", v) for i, v in enumerate(values))
-        if len(self.values) != len(milestones) + 1:
+        values = tuple(_check_real(f"values[{i}]", v) for i, v in enumerate(values))
+        if len(values) != len(milestones) + 1:
             raise ValueError(
                 f"Expected `values` to have len(milestones) + 1 = {len(milestones) + 1} entries, but got"
-                f" {len(self.values)}"
+                f" {len(values)}"
             )
-        self.milestones = _check_milestones(milestones)
-        super().__init__(self.values[0], self.values[-1], warmup=warmup, warmup_start=warmup_start, total=total)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "milestones", _check_milestones(milestones))
+        super().__post_init__()
+
+    @property
+    def start(self) -> float:  # type: ignore[override]
+        return self.values[0]
+
+    @property
+    def end(self) -> float:  # type: ignore[override]
+        return self.values[-1]
 
     def __call__(self, step: int, total: int | None = None) -> float:
-        if self.milestones and isinstance(self.milestones[0], int):
+        if isinstance(self.milestones[0], int):
             horizon = self._horizon(total)
             span = horizon - self.warmup_steps(horizon)
             if self.milestones[-1] > span:
@@ -392,10 +396,7 @@ class Step(Schedule):
         return self.values[reached]
 
     def _values(self) -> list[float]:
-        return [*self.values, *([self.warmup_start] if self.warmup else [])]
-
-    def _params(self) -> dict[str, Any]:
-        return {"values": list(self.values), "milestones": list(self.milestones)}
+        return list(self.values)
 
 
 def _check_milestones(milestones: Sequence[Any]) -> tuple[int, ...] | tuple[float, ...]:
@@ -415,46 +416,6 @@ def _check_milestones(milestones: Sequence[Any]) -> tuple[int, ...] | tuple[floa
     return tuple(milestones)
 
 
-_SCHEDULES: dict[str, type[Schedule]] = {
-    "constant": Constant,
-    "cosine": Cosine,
-    "exponential": Exponential,
-    "linear": Linear,
-    "step": Step,
-}
-
-
-def list_schedules() -> list[str]:
-    """The names :func:`get_schedule` accepts, sorted.
-
-    Example:
-        >>> list_schedules()
-        ['constant', 'cosine', 'exponential', 'linear', 'step']
-    """
-    return sorted(_SCHEDULES)
-
-
-def get_schedule(name: str, **kwargs: Any) -> Schedule:
-    """Build a schedule by name (case-insensitive), e.g. from a config.
-
-    Args:
-        name: one of :func:`list_schedules`.
-        **kwargs: the schedule's constructor arguments.
-
-    Raises:
-        ValueError: if ``name`` is unknown.
-
-    Example:
-        >>> get_schedule("cosine", start=4.0, end=1.0, warmup=0.1)
-        Cosine(start=4.0, end=1.0, warmup=0.1)
-    """
-    try:
-        cls = _SCHEDULES[name.lower()]
-    except (KeyError, AttributeError):
-        raise ValueError(f"Unknown schedule {name!r}: expected one of {list_schedules()}") from None
-    return cls(**kwargs)
-
-
 def as_schedule(value: float | Schedule) -> Schedule:
     """A :class:`Schedule` passes through; a number becomes :class:`Constant`.
 
@@ -463,7 +424,7 @@ def as_schedule(value: float | Schedule) -> Schedule:
 
     Example:
         >>> as_schedule(4)
-        Constant(value=4.0)
+        Constant(value=4.0, warmup=0, warmup_start=None, total=None)
     """
     if isinstance(value, Schedule):
         return value

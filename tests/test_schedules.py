@@ -1,5 +1,6 @@
 """Schedules: values at known steps, computed by hand, and every construction error."""
 
+import dataclasses
 import math
 
 import pytest
@@ -12,8 +13,6 @@ from lightning_kd.schedules import (
     Schedule,
     Step,
     as_schedule,
-    get_schedule,
-    list_schedules,
 )
 
 
@@ -143,29 +142,36 @@ def test_as_schedule():
             as_schedule(bad)
 
 
-def test_get_schedule():
-    assert list_schedules() == ["constant", "cosine", "exponential", "linear", "step"]
-    assert get_schedule("cosine", start=4.0, end=1.0, warmup=0.1) == Cosine(4.0, 1.0, warmup=0.1)
-    assert get_schedule("Constant", value=2.0) == Constant(2.0)
-    assert get_schedule("step", values=[1.0, 0.0], milestones=[0.5]) == Step([1.0, 0.0], [0.5])
-    with pytest.raises(ValueError, match=r"Unknown schedule 'cosin': expected one of \['constant', 'cosine'"):
-        get_schedule("cosin", start=1.0, end=0.0)
-
-
 def test_repr_and_eq():
-    assert repr(Linear(4, 1)) == "Linear(start=4.0, end=1.0)"
+    assert repr(Linear(4, 1)) == "Linear(start=4.0, end=1.0, warmup=0, warmup_start=None, total=None)"
     assert repr(Cosine(4.0, 1.0, warmup=5, warmup_start=0.0, total=100)) == (
         "Cosine(start=4.0, end=1.0, warmup=5, warmup_start=0.0, total=100)"
     )
-    assert repr(Step([2.0, 1.0], [0.5])) == "Step(values=[2.0, 1.0], milestones=[0.5])"
-    assert repr(Constant(1.0, warmup=0.1)) == "Constant(value=1.0, warmup=0.1)"
+    assert repr(Step([2.0, 1.0], [0.5])) == (
+        "Step(values=(2.0, 1.0), milestones=(0.5,), warmup=0, warmup_start=None, total=None)"
+    )
+    assert repr(Constant(1.0, warmup=0.1)) == "Constant(value=1.0, warmup=0.1, warmup_start=None, total=None)"
     assert Linear(1.0, 0.0) == Linear(1, 0) and Linear(1.0, 0.0) != Cosine(1.0, 0.0)
     assert Linear(1.0, 0.0) != Linear(1.0, 0.0, total=3)
+    assert Step([2, 1], [0.5]) == Step((2.0, 1.0), (0.5,))  # lists become tuples
+    assert eval(repr(Cosine(4.0, 1.0, warmup=0.1, total=7))) == Cosine(4.0, 1.0, warmup=0.1, total=7)
+
+
+def test_frozen_and_hashable():
+    s = Linear(4.0, 1.0, warmup=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.start = 2.0
+    assert {s: "T", Constant(1): "w"}[Linear(4, 1, warmup=2)] == "T"
+    assert hash(Step([2.0, 1.0], [1])) == hash(Step([2, 1], [1]))
+    shorter = dataclasses.replace(s, total=10)  # a variant, validated like any other
+    assert shorter == Linear(4.0, 1.0, warmup=2, total=10) and shorter(10) == 1.0 and s.total is None
+    with pytest.raises(ValueError, match="Expected `total` to be an int >= 1 or None, but got 0"):
+        dataclasses.replace(s, total=0)
 
 
 def test_base_class_is_abstract():
-    with pytest.raises(NotImplementedError):
-        Schedule(1.0, 0.0)(1, 2)
+    with pytest.raises(TypeError, match="abstract"):
+        Schedule()
 
 
 # -- errors ---------------------------------------------------------------------------------------
