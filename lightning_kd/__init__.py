@@ -21,7 +21,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 _EXPORTS = {
     "DistillationAnnealing": "lightning_kd.callbacks",
     "DistillationModule": "lightning_kd.module",
-    "Speed": "lightning_kd.module",
+    "Speed": "lightning_kd.speed",
     "SoftTargetDataModule": "lightning_kd.soft_targets.batches",
     "SoftTargetStore": "lightning_kd.soft_targets.store",
     "build_soft_targets": "lightning_kd.soft_targets.build",

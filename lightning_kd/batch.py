@@ -12,6 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning.pytorch.utilities import CombinedLoader
+from lightning_utilities.core.apply_func import apply_to_collection
+
 from lightning_kd.soft_targets.batches import SoftTargetBatch
 from lightning_kd.losses import IGNORE_INDEX
 
@@ -101,3 +104,36 @@ def batch_size(inputs: Any) -> int:
     if isinstance(inputs, (tuple, list)):
         return batch_size(inputs[0])
     raise TypeError(f"Cannot infer the batch size of inputs of type {type(inputs).__name__}.")
+
+
+def first_training_batch(trainer: Any) -> Any:
+    """The first training batch, before the fit loop iterates (for a dry forward in ``setup``).
+
+    From the datamodule when there is one; otherwise the fit loop loads its training dataloaders
+    now (``fit_loop.setup_data()``, which it would do a moment later itself and then reuses).
+    """
+    if trainer.datamodule is not None:
+        loader = trainer.datamodule.train_dataloader()
+    else:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, CombinedLoader):
+        loader = loader.flattened[0]
+    elif isinstance(loader, Mapping):
+        loader = next(iter(loader.values()))
+    elif isinstance(loader, (list, tuple)):
+        loader = loader[0]
+    return next(iter(loader))
+
+
+def is_empty(inputs: Any) -> bool:
+    """Whether ``inputs`` hold no sample (every mean over them would be NaN); False for inputs of a user's own kind."""
+    try:
+        return batch_size(inputs) == 0
+    except (TypeError, IndexError, StopIteration):  # not ours to size
+        return False
+
+
+def to_channels_last(inputs: Any) -> Any:
+    """4-D tensors of ``inputs`` in the channels-last memory format (the others as they are)."""
+    return apply_to_collection(inputs, Tensor, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)

@@ -12,8 +12,9 @@ import hashlib
 import os
 import pickle
 import zipfile
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -86,3 +87,18 @@ def allow_missing_teacher_keys(module: Any, incompatible_keys: Any) -> None:
     missing = incompatible_keys.missing_keys
     for key in [k for k in missing if k.startswith("teacher.")]:
         missing.remove(key)
+
+
+# Set while `load_from_checkpoint` builds the module: a recorded teacher checkpoint may have moved since.
+LOADING_CHECKPOINT: ContextVar[bool] = ContextVar("lightning_kd_loading_checkpoint", default=False)
+
+
+def plain(value: Any) -> Any:
+    """A hyperparameter as plain Python (str paths, lists, str-keyed dicts): checkpoints load with ``weights_only=True``."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

@@ -8,65 +8,66 @@ module's checkpoints, but they are not part of the student: an exported student 
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Mapping, Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from lightning_kd.hooks import FeatureHooks, resolve_modules
-from lightning_kd.losses.feature import at_loss, build_adapter, fitnet_loss, rkd_loss
-
-FEATURE_LOSSES: dict[str, Callable[..., Tensor]] = {"fitnet": fitnet_loss, "at": at_loss, "rkd": rkd_loss}
-_TERM_KEYS = ("method", "teacher_layers", "student_layers", "weight", "adapter")
-
+from lightning_kd.losses.feature import build_adapter
 
 class FeatureTerm:
-    """One configured term: ``weight * Σ_pairs loss(student_layer_i, teacher_layer_i)``."""
+    """One feature term: ``weight * Σ_pairs loss(student_layer_i, teacher_layer_i)``.
 
-    def __init__(self, key: str, spec: Mapping[str, Any]) -> None:
-        if not isinstance(spec, Mapping):
-            raise TypeError(f"Expected `features[{key!r}]` to be a mapping (method, teacher_layers, ...), but got {type(spec).__name__}.")
-        self.key = key
-        self.method = spec.get("method", key)
-        if self.method not in FEATURE_LOSSES:
-            raise ValueError(
-                f"Unknown feature method {self.method!r} for `features[{key!r}]`. Expected one of {', '.join(FEATURE_LOSSES)} "
-                "(set `method:` when the key is another name)."
-            )
-        self.teacher_layers = _layers(spec, "teacher_layers", key)
-        self.student_layers = _layers(spec, "student_layers", key)
+    Args:
+        loss: the loss on one pair of features: :class:`~lightning_kd.losses.FitNetLoss`,
+            :class:`~lightning_kd.losses.ATLoss`, :class:`~lightning_kd.losses.RKDLoss`, or any module
+            ``(student_feature, teacher_feature) -> Tensor``. A loss whose class sets
+            ``needs_adapter = True`` (FitNet) gets a trained adapter from the student feature's shape
+            to the teacher's, of the kind its ``adapter`` attribute names.
+        teacher_layers: a layer name or a list of them, as in the teacher's ``named_modules()``.
+        student_layers: as many student layers, paired with the teacher's in order.
+        weight: the term's weight, finite and >= 0.
+
+    Raises:
+        TypeError: if ``loss`` is not callable.
+        ValueError: for empty or unpaired layer lists, or a weight that is not finite and >= 0.
+
+    Example::
+
+        >>> from lightning_kd.losses import FitNetLoss
+        >>> FeatureTerm(FitNetLoss(), "features.3", "hidden.1", weight=100.0)
+        FeatureTerm(FitNetLoss(adapter='auto'), teacher_layers=['features.3'], student_layers=['hidden.1'], weight=100.0)
+    """
+
+    def __init__(self, loss: Callable[[Tensor, Tensor], Tensor], teacher_layers: str | Sequence[str], student_layers: str | Sequence[str],
+                 weight: float = 1.0) -> None:
+        if not callable(loss):
+            raise TypeError(f"Expected the feature term's `loss` to be a module or callable (student_feature, teacher_feature), but got {type(loss).__name__}.")
+        self.loss = loss
+        self.teacher_layers = _layers(teacher_layers, "teacher_layers")
+        self.student_layers = _layers(student_layers, "student_layers")
         if len(self.teacher_layers) != len(self.student_layers):
             raise ValueError(
-                f"Expected as many `teacher_layers` as `student_layers` for `features[{key!r}]` (they pair up in order), "
+                "Expected as many `teacher_layers` as `student_layers` (they pair up in order), "
                 f"but got {len(self.teacher_layers)} and {len(self.student_layers)}."
             )
-        self.weight = float(spec.get("weight", 1.0))
-        self.adapter = spec.get("adapter", "auto")  # FitNet: auto | linear (last dim, e.g. (B, S, D)) | conv
-        if self.adapter not in ("auto", "linear", "conv"):
-            raise ValueError(f"Unknown `features[{key!r}].adapter` {self.adapter!r}. Expected one of auto, linear, conv.")
-        self.options = {k: v for k, v in spec.items() if k not in _TERM_KEYS}
-        allowed = [p for p in inspect.signature(FEATURE_LOSSES[self.method]).parameters][2:]
-        unknown = sorted(set(self.options) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {unknown} for `features[{key!r}]` ({self.method}). Expected any of: "
-                f"{', '.join([*_TERM_KEYS[1:], *allowed])}."
-            )
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"Expected the feature term's `weight` to be a finite number >= 0, but got {weight}.")
+        self.weight = float(weight)
+        self.needs_adapters = bool(getattr(loss, "needs_adapter", False))
+        self.adapter = getattr(loss, "adapter", "auto")
 
-    @property
-    def needs_adapters(self) -> bool:
-        return self.method == "fitnet"
-
-    def adapter_key(self, index: int) -> str:
-        return f"{self.key}_{index}"
+    def __repr__(self) -> str:
+        return (f"FeatureTerm({self.loss!r}, teacher_layers={self.teacher_layers}, student_layers={self.student_layers}, "
+                f"weight={self.weight})")
 
 
-def _layers(spec: Mapping[str, Any], name: str, key: str) -> list[str]:
-    layers = spec.get(name)
+def _layers(layers: str | Sequence[str], name: str) -> list[str]:
     if isinstance(layers, str):
         layers = [layers]
     if not layers or not all(isinstance(layer, str) for layer in layers):
-        raise ValueError(f"Expected `features[{key!r}].{name}` to be a non-empty list of layer names, but got {layers!r}.")
+        raise ValueError(f"Expected `{name}` to be a layer name or a non-empty list of them, but got {layers!r}.")
     return list(layers)
 
 
@@ -76,18 +77,23 @@ class FeatureDistillation(nn.Module):
     Args:
         teacher: the teacher (layer names relative to it).
         student: the student (layer names relative to it).
-        terms: ``{key: {"method": "fitnet" | "at" | "rkd" (default: the key), "teacher_layers": [...],
-            "student_layers": [...], "weight": 1.0, **loss options}}``; layers pair up in order and a
-            term sums its pairs. FitNet also takes ``"adapter": "auto" | "linear" | "conv"``
-            (``linear`` for channels-last features such as hidden states ``(B, S, D)``).
+        terms: ``{key: FeatureTerm}``; the key names the term in the logs (``train/feature_<key>``).
 
     Raises:
-        ValueError: for an unknown method, option or layer name (with close matches), or unpaired layers.
+        TypeError: if a term is not a :class:`FeatureTerm`.
+        ValueError: for no term, or a layer name that neither model has (with close matches).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, terms: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, terms: Mapping[str, FeatureTerm]) -> None:
         super().__init__()
-        self.terms = [FeatureTerm(key, spec) for key, spec in terms.items()]
+        for key, term in terms.items():
+            if not isinstance(term, FeatureTerm):
+                raise TypeError(
+                    f"Expected `features[{key!r}]` to be a FeatureTerm(loss, teacher_layers, student_layers, weight), "
+                    f"but got {type(term).__name__}."
+                )
+        self.keys = [str(key) for key in terms]
+        self.terms = list(terms.values())
         if not self.terms:
             raise ValueError("Expected at least one feature term, but got none.")
         self._models = {"teacher": teacher, "student": student}  # not submodules: the module owns them
@@ -129,13 +135,13 @@ class FeatureDistillation(nn.Module):
 
     def build_adapters(self, shapes: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None) -> None:
         """Build FitNet's adapters from the shapes captured by the last forward of both models (or ``shapes``)."""
-        kinds = {term.adapter_key(i): term.adapter for term in self.terms for i in range(len(term.teacher_layers))}
+        kinds = {f"{key}_{i}": term.adapter for key, term in self._items() for i in range(len(term.teacher_layers))}
         if shapes is None:
             shapes = {}
-            for term in self.terms:
+            for key, term in self._items():
                 if term.needs_adapters:
                     for i, (t_layer, s_layer) in enumerate(zip(term.teacher_layers, term.student_layers)):
-                        shapes[term.adapter_key(i)] = (
+                        shapes[f"{key}_{i}"] = (
                             list(self._hooks["student"][s_layer].shape),
                             list(self._hooks["teacher"][t_layer].shape),
                         )
@@ -148,17 +154,19 @@ class FeatureDistillation(nn.Module):
         """``{key: unweighted term}`` from the features captured by the last forward of both models."""
         student, teacher = self._hooks["student"], self._hooks["teacher"]
         values: dict[str, Tensor] = {}
-        for term in self.terms:
-            fn = FEATURE_LOSSES[term.method]
+        for key, term in self._items():
             total: Tensor | None = None
             for i, (t_layer, s_layer) in enumerate(zip(term.teacher_layers, term.student_layers)):
                 s = student[s_layer]
                 if term.needs_adapters:
-                    s = self.adapters[term.adapter_key(i)](s)
-                value = fn(s, teacher[t_layer].detach(), **term.options)
+                    s = self.adapters[f"{key}_{i}"](s)
+                value = term.loss(s, teacher[t_layer].detach())
                 total = value if total is None else total + value
-            values[term.key] = total
+            values[key] = total
         return values
 
     def weighted_sum(self, values: Mapping[str, Tensor]) -> Tensor:
-        return sum(term.weight * values[term.key] for term in self.terms)
+        return sum(term.weight * values[key] for key, term in self._items())
+
+    def _items(self) -> list[tuple[str, FeatureTerm]]:
+        return list(zip(self.keys, self.terms))

@@ -1,13 +1,15 @@
 """The epoch metrics of a distillation run: the student's accuracy (or MSE), its top-1 agreement with
 and KL to the teacher, and the teacher's own accuracy, as torchmetrics means (reduced across ranks).
 
-Lightning-free apart from the log-message filter below: :class:`~lightning_kd.DistillationModule`
-updates them in its steps and logs what :meth:`DistillationMetrics.compute` returns.
+Lightning-free: :class:`~lightning_kd.DistillationModule` updates them in its steps and logs what
+:meth:`DistillationMetrics.compute` returns (inside :func:`quiet_epoch_metric_warnings`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -18,14 +20,20 @@ from lightning_kd.losses import IGNORE_INDEX, TopKLogits, check_teacher, kl_per_
 METRIC_NAMES = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
 TRAIN_NAMES = ("loss_epoch", "soft_loss_epoch", "hard_loss_epoch", "acc", "agreement", "mse")
 
-# Epoch metrics are torchmetrics, computed (and reduced across ranks) by every rank at the same point
-# in the epoch-end hooks; they are then logged as plain tensors without `sync_dist`, which Lightning
-# flags under DDP. `sync_dist=True` would instead reduce lazily, whenever rank 0's progress bar asks:
-# a collective the other ranks never join, i.e. a deadlock. Silence exactly the flag on our names.
-warnings.filterwarnings(
-    "ignore",
-    message=r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'",
-)
+_SYNC_DIST_WARNING = r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'"
+
+
+@contextlib.contextmanager
+def quiet_epoch_metric_warnings() -> Iterator[None]:
+    """Silence, while the epoch metrics are logged, Lightning's advice to pass ``sync_dist=True`` for exactly their names.
+
+    They are torchmetrics, computed (and reduced across ranks) by every rank at the same point in
+    the epoch-end hooks, then logged as plain tensors; ``sync_dist=True`` would reduce them again,
+    lazily, whenever rank 0's progress bar asks: a collective the other ranks never join (a deadlock).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SYNC_DIST_WARNING)
+        yield
 
 
 class DistillationMetrics(nn.ModuleDict):

@@ -35,9 +35,11 @@ def reverse_gradient(x: Tensor, weight: float = 1.0) -> Tensor:
 class LearnableTemperature(nn.Module):
     r"""A global temperature :math:`T = T_{\min} + T_{\text{range}} \cdot \sigma(\theta)`, learned through gradient reversal.
 
-    ``forward(grl_weight)`` returns :math:`T` as a 0-d tensor whose gradient reaches :math:`\theta`
-    multiplied by ``-grl_weight``: the optimizer that minimises the distillation loss maximises it in
-    :math:`T`. Put :math:`\theta` in the same optimizer as the student (it is an ``nn.Parameter``).
+    ``forward()`` returns :math:`T` as a 0-d tensor whose gradient reaches :math:`\theta` multiplied
+    by ``-grl_weight``: the optimizer that minimises the distillation loss maximises it in :math:`T`.
+    Give it to a loss as its temperature (``KDLoss(temperature=LearnableTemperature())``): it is then
+    a submodule of the loss, and :math:`\theta` trains with the student. The curriculum ramps
+    ``grl_weight`` from 0 to 1 (``DistillationAnnealing(schedules={"soft_loss.temperature.grl_weight": ...})``).
 
     The parametrisation keeps :math:`T` in :math:`[T_{\min}, T_{\min} + T_{\text{range}}]`, so the
     losses do not read its value (that would stall the device every step): they check a
@@ -45,37 +47,56 @@ class LearnableTemperature(nn.Module):
     zero, not NaN, gradient to :math:`\theta`.
 
     Args:
-        initial: the starting temperature, in ``(t_min, t_min + t_range)``.
+        initial: the starting temperature, in ``(t_min, t_min + t_range)``. None: CTKD's own start,
+            :math:`\theta = 1`, i.e. :math:`T = 1 + 20\,\sigma(1) \approx 15.62` with the defaults (the
+            authors' code initialises the parameter to one).
         t_min: the lowest reachable temperature (> 0). CTKD's default: 1.
         t_range: the width of the reachable range. CTKD's default: 20.
+        grl_weight: the gradient-reversal weight :math:`\lambda \ge 0` (annealed 0 -> 1 by CTKD's curriculum).
 
     Raises:
-        ValueError: if ``t_min`` or ``t_range`` is not a finite number > 0, or ``initial`` is outside
-            the open range (NaN included).
+        ValueError: if ``t_min`` or ``t_range`` is not a finite number > 0, ``initial`` is outside the
+            open range (NaN included), or ``grl_weight`` is not a finite number >= 0.
 
     Example::
 
-        >>> temperature = LearnableTemperature(initial=4.0)
-        >>> round(temperature().item(), 4)
+        >>> round(LearnableTemperature(initial=4.0)().item(), 4)
         4.0
+        >>> round(LearnableTemperature()().item(), 2)  # CTKD's start
+        15.62
     """
 
-    def __init__(self, initial: float = 4.0, *, t_min: float = 1.0, t_range: float = 20.0) -> None:
+    def __init__(self, initial: float | None = None, *, t_min: float = 1.0, t_range: float = 20.0, grl_weight: float = 1.0) -> None:
         super().__init__()
         for name, value in (("t_min", t_min), ("t_range", t_range)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Expected `{name}` to be a finite number > 0, but got {value}.")
-        if not t_min < initial < t_min + t_range:
+        self.t_min, self.t_range = float(t_min), float(t_range)
+        if initial is None:
+            theta = 1.0
+        elif not t_min < initial < t_min + t_range:
             raise ValueError(
                 f"Expected the initial temperature to be in ({t_min}, {t_min + t_range}) (`t_min`, `t_min + t_range`), "
                 f"but got {initial}."
             )
-        self.t_min, self.t_range = float(t_min), float(t_range)
-        fraction = (initial - t_min) / t_range
-        self.theta = nn.Parameter(torch.tensor(math.log(fraction / (1.0 - fraction))))
+        else:
+            fraction = (initial - t_min) / t_range
+            theta = math.log(fraction / (1.0 - fraction))
+        self.theta = nn.Parameter(torch.tensor(theta))
+        self.grl_weight = grl_weight
 
-    def forward(self, grl_weight: float = 1.0) -> Tensor:
-        return self.t_min + self.t_range * torch.sigmoid(reverse_gradient(self.theta, grl_weight))
+    @property
+    def grl_weight(self) -> float:
+        return self._grl_weight
+
+    @grl_weight.setter
+    def grl_weight(self, value: float) -> None:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"Expected `grl_weight` to be a finite number >= 0, but got {value}.")
+        self._grl_weight = float(value)
+
+    def forward(self) -> Tensor:
+        return self.t_min + self.t_range * torch.sigmoid(reverse_gradient(self.theta, self._grl_weight))
 
     def extra_repr(self) -> str:
-        return f"t_min={self.t_min}, t_range={self.t_range}"
+        return f"t_min={self.t_min}, t_range={self.t_range}, grl_weight={self._grl_weight}"

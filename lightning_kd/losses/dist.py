@@ -12,10 +12,17 @@ import torch
 from torch import Tensor
 
 from lightning_kd.losses._reduction import Temperature, check_weight, log_prob_pair, masked_in_both, masked_mean, scale_by_temperature
+from lightning_kd.losses.base import LogitLoss
+from lightning_kd.losses.ctkd import LearnableTemperature
 
 
 def pearson(a: Tensor, b: Tensor, eps: float = 1e-8, *, keep: Tensor | None = None) -> Tensor:
     """Pearson correlation of ``a`` and ``b`` along the last dimension (cosine of the centred vectors).
+
+    ``eps`` is added to the product of the norms, as in the authors' code
+    (``(a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)``), not clamped per vector as
+    ``torch.cosine_similarity`` does: the two differ where the centred probabilities are tiny, which
+    is the case over tens of thousands of classes.
 
     With ``keep`` (bool, same shape), over the kept entries only: the others are set to zero
     after centring, which leaves the cosine of the kept entries.
@@ -23,13 +30,17 @@ def pearson(a: Tensor, b: Tensor, eps: float = 1e-8, *, keep: Tensor | None = No
     if keep is None:
         a = a - a.mean(dim=-1, keepdim=True)
         b = b - b.mean(dim=-1, keepdim=True)
-        return torch.cosine_similarity(a, b, dim=-1, eps=eps)
+        return _cosine(a, b, eps)
     # the plain mean times n / kept: times exactly 1.0 where every entry is kept. `a` itself goes
     # straight into the subtraction, as above, so that its gradients add up in the same order.
     scale = a.shape[-1] / keep.sum(dim=-1, keepdim=True).clamp(min=1)
     a = torch.where(keep, a - torch.where(keep, a, 0.0).mean(dim=-1, keepdim=True) * scale, 0.0)
     b = torch.where(keep, b - torch.where(keep, b, 0.0).mean(dim=-1, keepdim=True) * scale, 0.0)
-    return torch.cosine_similarity(a, b, dim=-1, eps=eps)
+    return _cosine(a, b, eps)
+
+
+def _cosine(a: Tensor, b: Tensor, eps: float) -> Tensor:
+    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
 def dist_loss(
@@ -108,3 +119,40 @@ def dist_loss(
         intra = inter * 0.0
     loss = beta * inter + gamma * intra
     return scale_by_temperature(loss, temperature, scale_by_t2)
+
+
+class DISTLoss(LogitLoss):
+    """DIST as a module: :func:`dist_loss` with the options fixed at construction.
+
+    Args:
+        temperature: :math:`T`, a finite number > 0, or a :class:`~lightning_kd.losses.LearnableTemperature`.
+        beta: weight of the inter-class relation, finite and >= 0.
+        gamma: weight of the intra-class relation, finite and >= 0.
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: logit standardisation first.
+
+    Raises:
+        ValueError: if ``beta`` or ``gamma`` is not a finite number >= 0, or the temperature is invalid.
+
+    Example::
+
+        >>> s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
+        >>> t = torch.tensor([[3.0, 2.0, 1.0], [0.0, 2.0, 0.0]])
+        >>> round(DISTLoss()(s, t).item(), 4)
+        2.2669
+    """
+
+    def __init__(
+        self, temperature: float | LearnableTemperature = 1.0, *, beta: float = 1.0, gamma: float = 1.0,
+        scale_by_t2: bool = True, standardize: bool = False,
+    ) -> None:
+        check_weight("beta", beta)
+        check_weight("gamma", gamma)
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+        self.beta, self.gamma = float(beta), float(gamma)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return dist_loss(student_logits, teacher_logits, beta=self.beta, gamma=self.gamma, mask=mask, **self._shared())
+
+    def _options(self) -> dict[str, float]:
+        return {"beta": self.beta, "gamma": self.gamma}

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from lightning_kd.losses._reduction import Temperature, kl_sum, log_prob_pair, masked_mean, scale_by_temperature
+from lightning_kd.losses.base import LogitLoss
+from lightning_kd.losses.ctkd import LearnableTemperature
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
@@ -195,3 +197,74 @@ def skew_kl_loss(
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
     log_m = _log_mixture(log_p_t, log_p_s, skew)
     return _finish(kl_sum(log_p_t, log_m), mask, student_logits, temperature, scale_by_t2)
+
+
+class ReverseKLLoss(LogitLoss):
+    """Reverse KL as a module: :func:`reverse_kl_loss` (mode seeking; MiniLLM's objective).
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(ReverseKLLoss()(s, t).item(), 4)
+        1.1504
+    """
+
+    def __init__(self, temperature: float | LearnableTemperature = 1.0, *, scale_by_t2: bool = True, standardize: bool = False) -> None:
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return reverse_kl_loss(student_logits, teacher_logits, mask=mask, **self._shared())
+
+
+class JSDLoss(LogitLoss):
+    """The generalised JSD of GKD as a module: :func:`jsd_loss` with ``beta`` fixed at construction.
+
+    Raises:
+        ValueError: if ``beta`` is not in (0, 1), or the temperature is invalid.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(JSDLoss(beta=0.5)(s, t).item(), 4)
+        0.2476
+    """
+
+    def __init__(
+        self, temperature: float | LearnableTemperature = 1.0, *, beta: float = 0.5, scale_by_t2: bool = True, standardize: bool = False
+    ) -> None:
+        _check_unit("beta", beta, low_open=True, high_open=True)
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+        self.beta = float(beta)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return jsd_loss(student_logits, teacher_logits, beta=self.beta, mask=mask, **self._shared())
+
+    def _options(self) -> dict[str, float]:
+        return {"beta": self.beta}
+
+
+class SkewKLLoss(LogitLoss):
+    """The skew KL of DistiLLM as a module: :func:`skew_kl_loss` with ``skew`` fixed at construction.
+
+    Raises:
+        ValueError: if ``skew`` is not in [0, 1), or the temperature is invalid.
+
+    Example::
+
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(SkewKLLoss(skew=0.1)(s, t).item(), 4)
+        0.8299
+    """
+
+    def __init__(
+        self, temperature: float | LearnableTemperature = 1.0, *, skew: float = 0.1, scale_by_t2: bool = True, standardize: bool = False
+    ) -> None:
+        _check_unit("skew", skew, low_open=False, high_open=True)
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+        self.skew = float(skew)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return skew_kl_loss(student_logits, teacher_logits, skew=self.skew, mask=mask, **self._shared())
+
+    def _options(self) -> dict[str, float]:
+        return {"skew": self.skew}

@@ -28,6 +28,8 @@ from lightning_kd.losses._reduction import (
     masked_mean,
     scale_by_temperature,
 )
+from lightning_kd.losses.base import LogitLoss
+from lightning_kd.losses.ctkd import LearnableTemperature
 from lightning_kd.losses.hard import IGNORE_INDEX, check_class_targets
 
 
@@ -114,3 +116,47 @@ def dkd_loss(
     per_position = alpha * kl_sum(binary_t, binary_s) + beta * kl_sum(others_t, others_s)
     loss = masked_mean(per_position, valid, student_logits)
     return scale_by_temperature(loss, temperature, scale_by_t2)
+
+
+class DKDLoss(LogitLoss):
+    """Decoupled KD as a module: :func:`dkd_loss` with the options fixed at construction.
+
+    Needs a class per position (``needs_targets``): :class:`~lightning_kd.DistillationModule` gives
+    unlabeled inputs (a transfer set) the teacher's top-1 class.
+
+    Args:
+        temperature: :math:`T`, a finite number > 0, or a :class:`~lightning_kd.losses.LearnableTemperature`.
+        alpha: weight of TCKD, finite and >= 0 (the paper's 1).
+        beta: weight of NCKD, finite and >= 0 (the paper's 8).
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: logit standardisation first.
+
+    Raises:
+        ValueError: if ``alpha`` or ``beta`` is not a finite number >= 0, or the temperature is invalid.
+
+    Example::
+
+        >>> loss = DKDLoss(temperature=1.0, beta=0.0)
+        >>> s, t = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])
+        >>> round(loss(s, t, torch.tensor([0])).item(), 4)
+        0.9957
+    """
+
+    needs_targets = True
+
+    def __init__(
+        self, temperature: float | LearnableTemperature = 4.0, *, alpha: float = 1.0, beta: float = 8.0,
+        scale_by_t2: bool = True, standardize: bool = False,
+    ) -> None:
+        check_weight("alpha", alpha)
+        check_weight("beta", beta)
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        if targets is None:
+            raise ValueError("DKDLoss needs a target class per position (`targets`), but got None.")
+        return dkd_loss(student_logits, teacher_logits, targets, alpha=self.alpha, beta=self.beta, mask=mask, **self._shared())
+
+    def _options(self) -> dict[str, float]:
+        return {"alpha": self.alpha, "beta": self.beta}

@@ -196,3 +196,78 @@ def rkd_loss(
     if angle_weight:
         loss = loss + angle_weight * F.smooth_l1_loss(_angles(s), _angles(t))
     return loss
+
+
+class FitNetLoss(nn.Module):
+    """FitNet's hint loss as a module: :func:`fitnet_loss` on the adapted student feature.
+
+    The adapter itself (from the student feature's shape to the teacher's) is built and trained by
+    :class:`~lightning_kd.features.FeatureDistillation` from one dry forward; ``adapter`` chooses its
+    kind (see :func:`build_adapter`).
+
+    Args:
+        adapter: ``"auto"``, ``"linear"`` (last dimension: hidden states ``(B, S, D)``) or ``"conv"``.
+
+    Raises:
+        ValueError: for an unknown ``adapter``.
+    """
+
+    needs_adapter = True
+
+    def __init__(self, adapter: Literal["auto", "linear", "conv"] = "auto") -> None:
+        super().__init__()
+        if adapter not in ("auto", "linear", "conv"):
+            raise ValueError(f"Unknown adapter {adapter!r}. Expected one of auto, linear, conv.")
+        self.adapter = adapter
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        return fitnet_loss(student_feature, teacher_feature)
+
+    def extra_repr(self) -> str:
+        return f"adapter={self.adapter!r}"
+
+
+class ATLoss(nn.Module):
+    """Attention transfer as a module: :func:`at_loss` with the exponent ``p`` fixed.
+
+    Example::
+
+        >>> f = torch.rand(2, 4, 8)
+        >>> ATLoss(p=2.0)(f, f).item()
+        0.0
+    """
+
+    needs_adapter = False
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        return at_loss(student_feature, teacher_feature, p=self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class RKDLoss(nn.Module):
+    """Relational KD as a module: :func:`rkd_loss` with its two weights fixed.
+
+    Example::
+
+        >>> e = torch.randn(5, 3)
+        >>> round(RKDLoss()(e, 2 * e).item(), 6)
+        0.0
+    """
+
+    needs_adapter = False
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        return rkd_loss(student_feature, teacher_feature, distance_weight=self.distance_weight, angle_weight=self.angle_weight)
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"

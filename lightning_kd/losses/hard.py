@@ -6,17 +6,13 @@ Unlabeled inputs (Hinton's transfer set) carry ``ignore_index`` (class targets) 
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Union
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_kd.losses._reduction import masked_mean
 
 IGNORE_INDEX = -100
-HardLoss = Union[Literal["cross_entropy", "mse"], Callable[[Tensor, Tensor], Tensor]]
-HARD_LOSSES = ("cross_entropy", "mse")
 
 
 def check_class_targets(outputs: Tensor, targets: Tensor, setting: str, *, check_values: bool = True) -> None:
@@ -25,7 +21,7 @@ def check_class_targets(outputs: Tensor, targets: Tensor, setting: str, *, check
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(
             f"Expected integer class indices as targets for {setting}, but got dtype {targets.dtype}. "
-            "Use hard_loss='mse' for real-valued (regression) targets."
+            "Use HardMSELoss for real-valued (regression) targets."
         )
     if targets.shape != outputs.shape[:-1]:
         raise ValueError(
@@ -47,7 +43,7 @@ def cross_entropy_loss(outputs: Tensor, targets: Tensor, *, check_values: bool =
 
     A batch without any label gives a graph-connected zero.
     """
-    check_class_targets(outputs, targets, "hard_loss='cross_entropy'", check_values=check_values)
+    check_class_targets(outputs, targets, "the cross-entropy", check_values=check_values)
     targets = _ignore_invalid(targets, outputs.shape[-1])
     per_position = F.cross_entropy(
         outputs.float().reshape(-1, outputs.shape[-1]),
@@ -68,12 +64,12 @@ def mse_loss(outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> 
         if targets.shape != outputs.shape:
             raise ValueError(
                 f"Expected regression targets of shape {tuple(outputs.shape)} (the outputs' shape) for "
-                f"hard_loss='mse', but got {tuple(targets.shape)}."
+                f"the MSE, but got {tuple(targets.shape)}."
             )
         labeled = ~torch.isnan(targets).any(dim=-1)
         diff = outputs.float() - torch.nan_to_num(targets.float())
     else:
-        check_class_targets(outputs, targets, "hard_loss='mse'", check_values=check_values)
+        check_class_targets(outputs, targets, "the MSE to one-hot targets", check_values=check_values)
         targets = _ignore_invalid(targets, outputs.shape[-1])
         labeled = targets != IGNORE_INDEX
         one_hot = F.one_hot(targets.clamp(min=0), outputs.shape[-1]).float()
@@ -93,15 +89,30 @@ def _ignore_invalid(targets: Tensor, num_classes: int) -> Tensor:
     return targets.masked_fill(invalid_targets(targets, num_classes), IGNORE_INDEX)
 
 
-def get_hard_loss(hard_loss: HardLoss) -> Callable[..., Tensor]:
-    """Resolve ``hard_loss``: a name in :data:`HARD_LOSSES`, or any callable ``(outputs, targets)``."""
-    if callable(hard_loss):
-        return hard_loss
-    if hard_loss == "cross_entropy":
-        return cross_entropy_loss
-    if hard_loss == "mse":
-        return mse_loss
-    raise ValueError(
-        f"Unknown `hard_loss` {hard_loss!r}. Expected one of {', '.join(HARD_LOSSES)}, "
-        "or a callable/nn.Module taking (outputs, targets)."
-    )
+class HardCrossEntropyLoss(nn.Module):
+    """The hard term as a module: :func:`cross_entropy_loss` over labeled positions (``-100`` = unlabeled).
+
+    ``forward(outputs, targets, *, check_values=True)``; :class:`~lightning_kd.DistillationModule`
+    passes ``check_values=False`` because it checks every batch's targets itself without a device sync.
+
+    Example::
+
+        >>> round(HardCrossEntropyLoss()(torch.tensor([[0.0, 0.0]]), torch.tensor([1])).item(), 4)
+        0.6931
+    """
+
+    def forward(self, outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> Tensor:
+        return cross_entropy_loss(outputs, targets, check_values=check_values)
+
+
+class HardMSELoss(nn.Module):
+    """The hard term as a module: :func:`mse_loss`, against one-hot class targets or regression targets (NaN rows unlabeled).
+
+    Example::
+
+        >>> round(HardMSELoss()(torch.tensor([[1.0, 0.0]]), torch.tensor([0])).item(), 4)
+        0.0
+    """
+
+    def forward(self, outputs: Tensor, targets: Tensor, *, check_values: bool = True) -> Tensor:
+        return mse_loss(outputs, targets, check_values=check_values)

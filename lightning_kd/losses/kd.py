@@ -7,7 +7,7 @@ and torchmetrics' KL take the two distributions in opposite orders; these functi
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_kd.losses._reduction import (
     Temperature,
@@ -20,6 +20,8 @@ from lightning_kd.losses._reduction import (
     scale_by_temperature,
     standardize_logits,
 )
+from lightning_kd.losses.base import LogitLoss
+from lightning_kd.losses.ctkd import LearnableTemperature
 from lightning_kd.losses.topk import TopKLogits, check_topk_pair, collapse_student, topk_log_probs
 
 Teacher = Tensor | TopKLogits
@@ -156,19 +158,50 @@ def soft_mse_loss(
     return masked_mean(per_position, mask, student_logits)
 
 
-class KDLoss(nn.Module):
-    """Module form of :func:`kd_loss`; ``forward(student_logits, teacher_logits, mask=None)``."""
+class KDLoss(LogitLoss):
+    r"""Hinton's KD loss as a module: :func:`kd_loss` with the options fixed at construction.
 
-    def __init__(self, temperature: float = 4.0, *, scale_by_t2: bool = True) -> None:
-        super().__init__()
-        check_temperature(temperature)
-        self.temperature = float(temperature)
-        self.scale_by_t2 = scale_by_t2
+    ``forward(student_logits, teacher_logits, targets=None, *, mask=None)``; ``targets`` are not used.
+    Accepts :class:`TopKLogits` teacher targets (a top-k store).
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
-        return kd_loss(
-            student_logits, teacher_logits, self.temperature, mask=mask, scale_by_t2=self.scale_by_t2
-        )
+    Args:
+        temperature: :math:`T`, a finite number > 0, or a :class:`~lightning_kd.losses.LearnableTemperature` (CTKD).
+        scale_by_t2: multiply by :math:`T^2`.
+        standardize: logit standardisation of both logit vectors first.
 
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, scale_by_t2={self.scale_by_t2}"
+    Example::
+
+        >>> loss = KDLoss(temperature=1.0)
+        >>> round(loss(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])).item(), 4)
+        1.1504
+    """
+
+    accepts_topk = True
+
+    def __init__(self, temperature: float | LearnableTemperature = 4.0, *, scale_by_t2: bool = True, standardize: bool = False) -> None:
+        super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Teacher, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, mask=mask, **self._shared())
+
+
+class SoftMSELoss(LogitLoss):
+    """Mean squared error between the logits as a module: :func:`soft_mse_loss` (no temperature).
+
+    The soft loss for regression teachers, and the high-temperature limit of KD. Its outputs are not
+    compared as distributions (no agreement / KL metrics).
+
+    Example::
+
+        >>> round(SoftMSELoss()(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])).item(), 4)
+        2.5
+    """
+
+    uses_temperature = False
+    compares_distributions = False
+
+    def __init__(self, *, standardize: bool = False) -> None:
+        super().__init__(standardize=standardize)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
+        return soft_mse_loss(student_logits, teacher_logits, mask=mask, standardize=self.standardize)

@@ -7,6 +7,7 @@ index of each row. :class:`SoftTargetDataModule` does it for a whole datamodule.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -134,9 +135,11 @@ def with_soft_targets(loaders: Any, store: SoftTargetStore) -> Any:
     if isinstance(loaders, DataLoader):
         return wrapped["train"]
     if isinstance(loaders, CombinedLoader):
-        iterables = loaders.iterables
-        new = wrapped if isinstance(iterables, Mapping) else [wrapped[f"train_{i}"] for i in range(len(iterables))]
-        return CombinedLoader(new, mode=loaders._mode)
+        # a copy with the wrapped loaders in place of the user's (public `flattened` setter): same mode, same keys
+        combined = copy.copy(loaders)
+        by_part = list(wrapped.values())  # `loader_parts` keeps the CombinedLoader's order
+        combined.flattened = by_part
+        return combined
     if isinstance(loaders, Mapping):
         return wrapped
     return [wrapped[f"train_{i}"] for i in range(len(loaders))]

@@ -1,0 +1,142 @@
+"""The rules of a frozen teacher inside a LightningModule: its modes, and checkpoints without it.
+
+A mixin, so that :class:`~lightning_kd.DistillationModule` reads as the training step it is.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import IO, Any
+
+from lightning_kd.checkpoint import LOADING_CHECKPOINT, CheckpointError, fingerprint, load_checkpoint
+
+
+class FrozenTeacher:
+    """LightningModule mixin: the frozen teacher's modes and checkpoints (put it before ``LightningModule``).
+
+    For a module with ``teacher`` (None or a frozen model) and ``student``:
+
+    - modes: the teacher stays in eval mode on every training step, whatever ``model.train()``,
+      validation loops or user callbacks do, and the student trains even if the user called
+      ``model.eval()`` before fit;
+    - checkpoints: ``load_from_checkpoint`` never unpickles (``weights_only=True``, always);
+      ``on_save_checkpoint`` records the teacher's fingerprint and ``on_load_checkpoint`` refuses a
+      teacher whose weights differ from it.
+    """
+
+    _teacher_fingerprint: str | None = None
+    _eval_mode_guard: warnings.catch_warnings | None = None
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)  # type: ignore[misc]
+        if self.teacher is not None:  # type: ignore[attr-defined]
+            self.teacher.eval()  # type: ignore[attr-defined]  # `model.train()` must never turn the teacher's dropout/BatchNorm on
+        return self
+
+    def on_fit_start(self) -> None:
+        # A user's `model.eval()` before fit must not freeze the student for the whole run. A student
+        # that is itself in train mode keeps the modes its user chose for its submodules.
+        if not self.student.training:  # type: ignore[attr-defined]
+            self.student.train()  # type: ignore[attr-defined]
+        self.training = True  # the root only, without recursing into the teacher
+        teacher = self.teacher  # type: ignore[attr-defined]
+        if teacher is None:
+            return
+        teacher.eval()
+        self._teacher_fingerprint = None
+        # Lightning warns about modules in eval mode at the start of training; the frozen teacher's
+        # are expected. Silence exactly that count, so a student left in eval mode still warns.
+        count = sum(1 for _ in teacher.modules())
+        self._eval_mode_guard = warnings.catch_warnings()
+        self._eval_mode_guard.__enter__()  # left in `on_train_start`, right after Lightning's check
+        warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode")
+
+    def on_train_start(self) -> None:
+        if self._eval_mode_guard is not None:
+            self._eval_mode_guard.__exit__(None, None, None)
+            self._eval_mode_guard = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Re-asserted every step: validation loops, user callbacks or `model.train()` may flip modes.
+        teacher = self.teacher  # type: ignore[attr-defined]
+        if teacher is not None and teacher.training:
+            teacher.eval()
+        if not self.student.training:  # type: ignore[attr-defined]
+            self.student.train()  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ checkpoints
+    def teacher_fingerprint(self) -> str | None:
+        """SHA-256 of the teacher's parameters and buffers (cached during a fit: the teacher is frozen)."""
+        teacher = self.teacher  # type: ignore[attr-defined]
+        if teacher is None:
+            return None
+        trainer = self._trainer  # type: ignore[attr-defined]
+        fitting = trainer is not None and trainer.training
+        if self._teacher_fingerprint is None or not fitting:
+            self._teacher_fingerprint = fingerprint(teacher)
+        return self._teacher_fingerprint
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str] | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, always with ``weights_only=True``: nothing is unpickled.
+
+        Pass the ``teacher`` and ``student`` architectures (and the ``soft_loss``, ``features`` and
+        other objects the module was built with) as keyword arguments. The teacher's weights come from
+        the ``teacher_checkpoint`` recorded in the checkpoint if that file still exists, else from the
+        teacher given; either way their fingerprint must match the one the checkpoint recorded.
+
+        Raises:
+            ValueError: for ``weights_only=False``.
+            FileNotFoundError: if ``checkpoint_path`` does not exist.
+            CheckpointError: for an empty, truncated or non-torch file, or one holding pickled objects.
+            RuntimeError: if the teacher does not match the checkpoint's fingerprint.
+        """
+        if weights_only is not True:
+            raise ValueError(
+                f"Expected `weights_only=True`, but got {weights_only!r}: lightning-kd never unpickles a checkpoint "
+                "(a pickled payload runs code). Checkpoints written by lightning-kd load with weights_only=True."
+            )
+        token = LOADING_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(  # type: ignore[misc]
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, weights_only=True, **kwargs
+            )
+        except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, KeyError) as err:
+            if isinstance(err, CheckpointError) or not isinstance(checkpoint_path, (str, os.PathLike)):
+                raise
+            try:  # was it the file? then say so clearly (an error path: reading it again costs nothing that matters)
+                load_checkpoint(checkpoint_path)
+            except (CheckpointError, FileNotFoundError) as bad_file:
+                raise bad_file from err
+            raise
+        finally:
+            LOADING_CHECKPOINT.reset(token)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = checkpoint.get("teacher_fingerprint")
+        teacher = self.teacher  # type: ignore[attr-defined]
+        has_teacher_keys = any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {}))
+        if expected is None or teacher is None or has_teacher_keys:
+            return
+        actual = fingerprint(teacher)
+        if actual != expected:
+            raise RuntimeError(
+                "The teacher given to this module is not the one the checkpoint was trained with (its weights "
+                f"fingerprint differs: expected {expected[:12]}, got {actual[:12]}). Pass the trained teacher (e.g. "
+                "`teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or save checkpoints with "
+                "`keep_teacher_in_checkpoint=True`."
+            )

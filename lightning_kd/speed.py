@@ -1,0 +1,37 @@
+"""The speed options of a distillation run: the teacher's dtype, ``torch.compile``, channels-last."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from lightning_kd.teachers import DTYPES
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Speed options of :class:`DistillationModule` (all off by default; measured in ``docs/benchmarks.md``).
+
+    Args:
+        teacher_dtype: run the teacher in this dtype (``"float32"``, ``"bfloat16"``, ``"float16"``) whatever
+            the Trainer's precision: its weights are cast once and its forward runs outside autocast.
+            None: as given (a teacher already in bfloat16 gets its inputs cast). For several teachers,
+            a dict gives each its own: ``{"0": "bfloat16", "1": None}``.
+        compile_student: ``student.compile()`` in place (checkpoint keys unchanged).
+        compile_teacher: ``teacher.compile()`` in place.
+        channels_last: conv nets and 4-D inputs in the channels-last memory format.
+
+    Raises:
+        ValueError: for an unknown dtype name.
+    """
+
+    teacher_dtype: str | Mapping[str, str | None] | None = None
+    compile_student: bool = False
+    compile_teacher: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        names = self.teacher_dtype.values() if isinstance(self.teacher_dtype, Mapping) else [self.teacher_dtype]
+        for name in names:
+            if name is not None and name not in DTYPES:
+                raise ValueError(f"Unknown `teacher_dtype` {name!r}. Expected one of {', '.join(DTYPES)} or None.")
