@@ -37,7 +37,7 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
     if not path.is_file():
         raise FileNotFoundError(
             f"Teacher/model checkpoint not found: {str(path)!r}. Expected a Lightning checkpoint or a state-dict "
-            "file (e.g. the `checkpoints/last.ckpt` of a `lightning-kd task=teacher` run)."
+            "file (e.g. a run's `checkpoints/last.ckpt`)."
         )
     checkpoint = load_checkpoint(path, what="model checkpoint")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None

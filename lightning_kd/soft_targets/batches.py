@@ -123,7 +123,7 @@ def with_soft_targets(loaders: Any, store: SoftTargetStore) -> Any:
 
     Raises:
         TypeError: if a dataset is not map-style (an ``IterableDataset``): distil online
-            (``distill.targets=online``).
+            (without ``soft_targets``).
         RuntimeError: if a dataset is not the one the store was built from (the message says what
             differs), or returns random views.
     """

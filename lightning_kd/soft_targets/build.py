@@ -213,13 +213,13 @@ def _allocate(file: Path, *, data: int) -> None:
 def _no_space(path: Path, needed: int, free: int, *, created: bool) -> str:
     left = (
         "The store there is left incomplete (not sealed): `remove_incomplete_store(path)` deletes it, and a new "
-        "`lightning-kd task=cache` run replaces it."
+        "build replaces it."
         if created else "Nothing was written."
     )
     return (
         f"Not enough disk space for the soft-target store at {path}: it needs {needed} bytes, {free} free "
-        "(`build_soft_targets(path=...)`, `cache.path`). Free some space or choose another `cache.path`; "
-        f"`cache.top_k` or `cache.dtype=bfloat16` make a smaller store. {left}"
+        "(`build_soft_targets(path=...)`). Free some space or choose another path; `top_k` or "
+        f"`dtype='bfloat16'` make a smaller store. {left}"
     )
 
 
@@ -228,7 +228,7 @@ def _to_numpy(values: Tensor, dtype: str) -> np.ndarray:
     stored = source.to(_TORCH[dtype])
     if dtype != "float32" and bool((torch.isfinite(source) & ~torch.isfinite(stored)).any()):
         raise ValueError(
-            f"Teacher outputs of magnitude up to {source[torch.isfinite(source)].abs().max().item():.3g} overflow `cache.dtype` "
+            f"Teacher outputs of magnitude up to {source[torch.isfinite(source)].abs().max().item():.3g} overflow `dtype` "
             f"{dtype!r}. Use one of: {', '.join(d for d in DTYPES if d != dtype)} (bfloat16 or float32 keep the range)."
         )
     array = stored.cpu()
@@ -339,11 +339,11 @@ def build_soft_targets(
             allocated, before the teacher runs).
     """
     if dtype not in DTYPES:
-        raise ValueError(f"Unknown `cache.dtype` {dtype!r}. Expected one of {', '.join(DTYPES)}.")
+        raise ValueError(f"Unknown `dtype` {dtype!r}. Expected one of {', '.join(DTYPES)}.")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"Expected `cache.top_k` to be None or an int >= 1, but got {top_k!r}.")
+        raise ValueError(f"Expected `top_k` to be None or an int >= 1, but got {top_k!r}.")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"Expected `cache.epochs` to be an int >= 1, but got {epochs!r}.")
+        raise ValueError(f"Expected `epochs` to be an int >= 1, but got {epochs!r}.")
     if isinstance(teacher, DistillationModule):
         source = teacher
         if augmentation is None:  # the module's own augmentation, if any
@@ -354,8 +354,8 @@ def build_soft_targets(
         raise ValueError("Building soft targets needs a teacher, but the module has none.")
     if epochs > 1 and augmentation is None:
         raise ValueError(
-            f"`cache.epochs={epochs}` records several views per sample, which only differ under augmentation: "
-            "set an augmentation or use `cache.epochs=1`."
+            f"`epochs={epochs}` records several views per sample, which only differ under augmentation: "
+            "set an augmentation or use `epochs=1`."
         )
     require_empty_store_path(path)
 

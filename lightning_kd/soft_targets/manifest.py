@@ -201,7 +201,7 @@ def inspect_store(path: str | os.PathLike[str]) -> tuple[StoreState, str, list[P
     did not finish, a file instead of a directory, links).
     """
     path = Path(path)
-    if not path.exists():  # (a link to a directory is fine: `cache.path` often points at scratch space)
+    if not path.exists():  # (a link to a directory is fine: a store often lives on scratch space)
         return ("foreign", "it is a broken symbolic link", []) if path.is_symlink() else ("missing", "it does not exist", [])
     if not path.is_dir():
         return "foreign", "it is not a directory", []
@@ -283,13 +283,13 @@ def remove_incomplete_store(path: str | os.PathLike[str]) -> list[Path]:
 
 
 def _where(path: str | os.PathLike[str]) -> str:
-    return f"The store path {path} (`build_soft_targets(path=...)`, `cache.path`)"
+    return f"The store path {path} (`build_soft_targets(path=...)`)"
 
 
 def foreign_path_message(path: str | os.PathLike[str], why: str) -> str:
     return (
         f"{_where(path)} is not empty and is not a soft-target store this version may replace: {why}. Nothing was "
-        "deleted. Choose another `cache.path`, or move those files away yourself."
+        "deleted. Choose another path, or move those files away yourself."
     )
 
 
@@ -304,10 +304,10 @@ def require_empty_store_path(path: str | os.PathLike[str]) -> None:
     if state in ("missing", "empty"):
         return
     if state == "complete":
-        hint = "it holds a finished soft-target store. Open it with `SoftTargetStore(path)`, or choose another `cache.path`."
+        hint = "it holds a finished soft-target store. Open it with `SoftTargetStore(path)`, or choose another path."
     elif state == "incomplete":
         hint = (f"{why}. Remove it with `lightning_kd.soft_targets.store.remove_incomplete_store(path)` (it deletes only the "
-                "store's own files) and build again, or choose another `cache.path`.")
+                "store's own files) and build again, or choose another path.")
     else:
         raise FileExistsError(foreign_path_message(path, why))
     raise FileExistsError(f"{_where(path)} is not empty: {hint} Nothing was deleted.")

@@ -108,14 +108,14 @@ def require_map_style(dataset: Any, name: str = "train") -> None:
     """Refuse a dataset that cannot be read by sample index (an ``IterableDataset``, or no ``__len__``).
 
     Raises:
-        TypeError: naming the part and ``distill.targets=online``.
+        TypeError: naming the part, and that online distillation (no ``soft_targets``) needs no index.
     """
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else "not map-style"
         raise TypeError(
             f"Cached soft targets are keyed by sample index and need a map-style dataset (with `__getitem__` and "
             f"`__len__`), but training dataset {name!r} is {type(dataset).__name__} ({kind}). Distil online instead "
-            "(`distill.targets=online`), or give a map-style dataset."
+            "(without `soft_targets`), or give a map-style dataset."
         )
 
 
@@ -139,8 +139,8 @@ def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
                 f"The training dataset of part {name!r} ({type(_unwrap(dataset)).__name__}) returned two different "
                 f"samples for index {i}: it augments at random, so teacher outputs cached for one view would be "
                 "reused for another. Either remove the random transform from the dataset and pass a replayable "
-                "augmentation instead (`DistillationModule(augmentation=...)` / `augment=...`, cached for "
-                "`cache.epochs` epochs), or distil online (`distill.targets=online`)."
+                "augmentation instead (`DistillationModule(augmentation=...)`, recorded for "
+                "`epochs` views), or distil online (without `soft_targets`)."
             )
         _hash_into(digest, first)
     inner = _unwrap(dataset)
@@ -190,16 +190,15 @@ class SoftTargetStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(
-                f"No soft-target store at {self.path} (no manifest.json). Build one with `lightning-kd task=cache "
-                "teacher.checkpoint=PATH cache.path=...` or `lightning_kd.build_soft_targets(...)`."
+                f"No soft-target store at {self.path} (no manifest.json). Build one with "
+                "`lightning_kd.build_soft_targets(teacher, data, path)`."
             )
         manifest = read_json(manifest_path, what="soft-target store manifest")
         check_format(manifest, manifest_path, _version())
         if manifest.get("complete") is not True:
             raise RuntimeError(
                 f"Soft-target store {self.path} is incomplete: its build did not finish. Remove it with "
-                "`lightning_kd.soft_targets.store.remove_incomplete_store(path)` (a `lightning-kd task=cache` run does "
-                "it for `cache.path`) and build it again."
+                "`lightning_kd.soft_targets.store.remove_incomplete_store(path)` and build it again."
             )
         validate_manifest(manifest, manifest_path)  # part names, file names, shapes, dtypes: before any file is opened
         self.manifest = manifest
@@ -284,8 +283,8 @@ class SoftTargetStore:
         if fingerprint != self.teacher_fingerprint:
             raise RuntimeError(
                 f"Soft-target store {self.path} was made by another teacher: its weights fingerprint is "
-                f"{self.teacher_fingerprint[:12]}, the given teacher's is {fingerprint[:12]}. Rebuild the cache "
-                "for this teacher (`lightning-kd task=cache ...`) or point `cache.path` at the right one."
+                f"{self.teacher_fingerprint[:12]}, the given teacher's is {fingerprint[:12]}. Rebuild the store "
+                "for this teacher, or open the store this teacher built."
             )
 
     def check_augmentation(self, augmentation: Any) -> None:
