@@ -16,7 +16,9 @@ Plain torch: no Lightning.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -149,3 +151,36 @@ def _error(record: _Record, count: int, a: float, b: float) -> Exception:
         f"at {record.where} are out of range: {int(a) if a == b else f'values from {int(a)} to {int(b)}'}. Do the labels "
         "match the number of classes of the model's outputs?"
     )
+
+
+def check_precision(trainer: Any) -> None:
+    """Refuse float16 weights on the CPU: Adam's updates underflow/overflow there and the weights turn NaN.
+
+    Raises:
+        ValueError: for ``16-true`` on a CPU device, naming the precisions that train there.
+    """
+    precision = str(trainer.precision)
+    if precision in ("16-true", "16") and trainer.strategy.root_device.type == "cpu":
+        raise ValueError(
+            f"Expected a `precision` that trains on the CPU, but got {precision!r}: float16 weights are not supported "
+            "there. Use '32-true', 'bf16-mixed' or 'bf16-true' on the CPU, or train on a GPU."
+        )
+
+
+@contextlib.contextmanager
+def batchnorm_batch_of_one() -> Iterator[None]:
+    """Turn BatchNorm's error on a training batch of one sample into one that says how to fix it.
+
+    Raises:
+        ValueError: naming ``drop_last=True``, when the student's BatchNorm got a single sample.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "Expected more than 1 value per channel when training" not in str(err):
+            raise
+        raise ValueError(
+            f"A training batch holds a single sample ({err}), and the student's BatchNorm layers cannot "
+            "normalise one value per channel. Set `drop_last=True` on the training DataLoader (or choose a "
+            "batch size that does not leave a last batch of 1)."
+        ) from err

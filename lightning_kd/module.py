@@ -17,9 +17,10 @@ from lightning_kd import optim
 from lightning_kd.checkpoint import LOADING_CHECKPOINT, allow_missing_teacher_keys, drop_teacher_keys, fingerprint, plain
 from lightning_kd.data.augment import Augmentation
 from lightning_kd.features import FeatureDistillation, FeatureTerm
-from lightning_kd.guards import ValueGuard
+from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
 from lightning_kd.hygiene import FrozenTeacher
-from lightning_kd.losses import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
+from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
+from lightning_kd.losses.hard import class_per_position
 from lightning_kd.metrics import DistillationMetrics, quiet_epoch_metric_warnings
 from lightning_kd.soft_targets.store import SoftTargetStore, open_store
 from lightning_kd.teacher_outputs import StoredTeacherOutputs, TeacherOutputs
@@ -46,13 +47,10 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     soft term covers every input, the hard term only labeled ones (targets ``-100`` or a missing
     target: Hinton's transfer set, e.g. a ``CombinedLoader`` of a labeled and an unlabeled loader).
 
-    Teacher hygiene: the teacher's parameters get ``requires_grad=False`` (so DDP ignores them), it
-    runs under ``torch.no_grad()`` and stays in eval mode on every training step even after a
-    ``model.train()`` call, the optimizer sees only the trainable parameters (student, FitNet's
-    adapters, a learned temperature), and checkpoints hold no ``teacher.*`` keys unless
-    ``keep_teacher_in_checkpoint=True``; they record the teacher's fingerprint instead, checked on load.
-    With ``teacher=None`` the module trains the student on the hard loss alone (the fair "from
-    scratch" baseline, and a teacher trainer). Override points: :meth:`unpack_batch`,
+    Teacher hygiene (:class:`~lightning_kd.hygiene.FrozenTeacher`): no gradient, eval mode on every
+    training step, out of the optimizer, and out of checkpoints unless ``keep_teacher_in_checkpoint``
+    (its fingerprint is recorded and checked on load instead). ``teacher=None`` trains the student on
+    the hard loss alone (the "from scratch" baseline). Override points: :meth:`unpack_batch`,
     :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
 
     Args:
@@ -87,10 +85,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         speed: :class:`Speed` options (teacher dtype, ``compile``, channels-last).
 
     Raises:
-        ValueError: for ``alpha`` outside [0, 1], an unknown scheduler, a top-k store with a loss that
-            needs full logits, a layer name neither model has; at run time for outputs of different
-            shapes or targets that do not fit the outputs.
-        TypeError: if the student, the teacher or ``soft_loss`` has the wrong type.
+        ValueError: for ``alpha`` outside [0, 1], an unknown scheduler, a top-k store with a loss that needs
+            full logits, an unknown layer; at run time for outputs or targets that do not fit each other.
+        TypeError: if the student, the teacher, ``soft_loss``, ``hard_loss`` or ``speed`` has the wrong type.
 
     Example::
 
@@ -160,19 +157,12 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             check_not_shared(self.teacher, student)
         elif teacher_weights is not None or teacher_checkpoint is not None:
             raise ValueError("`teacher_weights` / `teacher_checkpoint` describe a teacher, but `teacher` is None.")
-        if self.speed.channels_last:
-            for model in (student, self.teacher):
-                if model is not None:
-                    model.to(memory_format=torch.channels_last)
+        self.speed.apply(student, self.teacher)
         self.feature_distillation: FeatureDistillation | None = None
         if features:
             if self.teacher is None:
                 raise ValueError("Feature terms need the teacher's activations: pass a teacher (they cannot come from `soft_targets`).")
             self.feature_distillation = FeatureDistillation(self.teacher, student, features)
-        if self.speed.compile_student:
-            student.compile()  # in place: parameters and state-dict keys keep their names
-        if self.speed.compile_teacher and self.teacher is not None:
-            self.teacher.compile()
         self.augmentation = augmentation
         self.augmentation_seed = int(augmentation_seed)
         self.teacher_outputs = TeacherOutputs(augmentation, augmentation_seed) if store is None else StoredTeacherOutputs(store, augmentation)
@@ -249,18 +239,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         hard = zero if targets is None else self._hard(student_out, targets)
         if teacher_out is None:
             return {"loss": hard, "soft": zero, "hard": hard}
-        classes = self._target_classes(teacher_out, targets) if self.soft_loss.needs_targets else None
+        classes = class_per_position(teacher_out, targets, type(self.soft_loss).__name__) if self.soft_loss.needs_targets else None
         soft = self.soft_loss(student_out, teacher_out, classes)
         return {"loss": self.soft_weight * self.alpha * soft + (1.0 - self.alpha) * hard, "soft": soft, "hard": hard}
-
-    def _target_classes(self, teacher_out: Tensor, targets: Tensor | None) -> Tensor:
-        """The class per input for a loss that needs one (DKD): the label, or the teacher's top-1 for unlabeled inputs."""
-        top1 = teacher_out.argmax(dim=-1)
-        if targets is None:
-            return top1
-        if targets.is_floating_point():
-            raise TypeError(f"{type(self.soft_loss).__name__} needs class targets, but got real-valued (regression) targets.")
-        return torch.where(targets == IGNORE_INDEX, top1, targets)
 
     def forward(self, x: Any) -> Any:
         return self.student(x)
@@ -285,22 +266,11 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
         if teacher_out is not None:
             self._guard.check_teacher(teacher_out.values if isinstance(teacher_out, TopKLogits) else teacher_out, where)
-        student_out = self._student_forward_checked(inputs)
+        with batchnorm_batch_of_one():
+            student_out = self.student_forward(inputs)
         if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.shape == student_out.shape[:-1]:
             self._guard.check_targets(targets, student_out.shape[-1], where)  # class indices: every batch
         return inputs, targets, student_out, teacher_out
-
-    def _student_forward_checked(self, inputs: Any) -> Tensor:
-        try:
-            return self.student_forward(inputs)
-        except ValueError as err:
-            if "Expected more than 1 value per channel when training" not in str(err):
-                raise
-            raise ValueError(
-                f"A training batch holds a single sample ({err}), and the student's BatchNorm layers cannot "
-                "normalise one value per channel. Set `drop_last=True` on the training DataLoader (or choose a "
-                "batch size that does not leave a last batch of 1)."
-            ) from err
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -392,14 +362,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        trainer = self._trainer  # None when a test or a user calls setup by hand
-        precision = "" if trainer is None else str(trainer.precision)
-        if precision in ("16-true", "16") and trainer.strategy.root_device.type == "cpu":
-            # float16 weights on the CPU: Adam's updates underflow/overflow and the weights turn NaN
-            raise ValueError(
-                f"Expected a `precision` that trains on the CPU, but got {precision!r}: float16 weights are not supported "
-                "there. Use '32-true', 'bf16-mixed' or 'bf16-true' on the CPU, or train on a GPU."
-            )
+        if self._trainer is not None:  # None when a test or a user calls setup by hand
+            check_precision(self._trainer)
         # Before the strategy wraps the module (DDP) and the optimizer is made: hooks and adapters exist by then.
         if stage == "fit" and self.feature_distillation is not None:
             self.feature_distillation.attach()

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+import torch
+from torch import nn
+
 from lightning_kd.teachers import DTYPES
 
 
@@ -35,3 +38,13 @@ class Speed:
         for name in names:
             if name is not None and name not in DTYPES:
                 raise ValueError(f"Unknown `teacher_dtype` {name!r}. Expected one of {', '.join(DTYPES)} or None.")
+
+    def apply(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Channels-last memory format and in-place ``compile()`` (parameters and state-dict keys keep their names)."""
+        for model in (student, teacher):
+            if model is not None and self.channels_last:
+                model.to(memory_format=torch.channels_last)
+        if self.compile_student:
+            student.compile()
+        if self.compile_teacher and teacher is not None:
+            teacher.compile()

@@ -89,6 +89,21 @@ def _ignore_invalid(targets: Tensor, num_classes: int) -> Tensor:
     return targets.masked_fill(invalid_targets(targets, num_classes), IGNORE_INDEX)
 
 
+def class_per_position(teacher_logits: Tensor, targets: Tensor | None, loss: str = "the soft loss") -> Tensor:
+    """A class for every position, for a loss that needs one (DKD): the label, or the teacher's top-1 where
+    the position is unlabeled (``-100``, or no targets at all: a transfer set).
+
+    Raises:
+        TypeError: for real-valued (regression) targets.
+    """
+    top1 = teacher_logits.argmax(dim=-1)
+    if targets is None:
+        return top1
+    if targets.is_floating_point():
+        raise TypeError(f"{loss} needs class targets, but got real-valued (regression) targets.")
+    return torch.where(targets == IGNORE_INDEX, top1, targets)
+
+
 class HardCrossEntropyLoss(nn.Module):
     """The hard term as a module: :func:`cross_entropy_loss` over labeled positions (``-100`` = unlabeled).
 
