@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationModule
+from lightning_kd import DistillationModule, Speed
+from lightning_kd.losses import KDLoss
 from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.soft_targets.batches import with_soft_targets
 from lightning_kd.models import get_model
@@ -221,7 +222,7 @@ def make_trainer(args, steps, callbacks=()):
 
 
 def make_module(args, teacher, student, **kwargs):
-    return DistillationModule(teacher, student, temperature=T, alpha=ALPHA, optimizer=optimizer, **kwargs)
+    return DistillationModule(teacher, student, soft_loss=KDLoss(temperature=T), alpha=ALPHA, optimizer=optimizer, **kwargs)
 
 
 def median(values, skip):
@@ -264,7 +265,7 @@ def main() -> None:
     # -- online, paired with all three hand-written steps on the same batch
     for option in options:
         teacher, student = models(args)
-        module = make_module(args, teacher, student, **OPTIONS[option])
+        module = make_module(args, teacher, student, speed=Speed(**OPTIONS[option]))
         inside = time_teacher_forward(module, device)
         paired = Paired({"kd": to_device(hand.kd_step), "student": to_device(hand.student_step), "teacher": to_device(hand.teacher_inference)}, device)
         make_trainer(args, steps, [paired]).fit(module, train_dataloaders=loader())
