@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import reduce
 from typing import Any, Literal
 
 import torch
@@ -20,12 +21,12 @@ _INTERVALS = ("step", "epoch")
 class DistillationAnnealing(Callback):
     r"""Anneal the distillation temperature, the soft-loss weight ``alpha`` and other module attributes.
 
-    Before every training batch, sets ``pl_module.<name> = schedule(step, total)`` for each annealed
-    attribute, where ``step`` is ``trainer.global_step`` (optimizer steps; ``interval="step"``) or
-    ``trainer.current_epoch`` (``interval="epoch"``), and ``total`` is the schedule's own ``total``
-    or else the run's horizon: ``trainer.estimated_stepping_batches`` or ``trainer.max_epochs``.
-    The values are a pure function of the step, so nothing is saved in checkpoints and a resumed run
-    continues on exactly the same trajectory.
+    Before every training batch, sets ``pl_module.<path> = schedule(step + count_from, total)`` for
+    each annealed attribute, where ``step`` is ``trainer.global_step`` (optimizer steps;
+    ``interval="step"``) or ``trainer.current_epoch`` (``interval="epoch"``), and ``total`` is the
+    schedule's own ``total`` or else the run's horizon: ``trainer.estimated_stepping_batches`` or
+    ``trainer.max_epochs``. The values are a pure function of the step, so nothing is saved in
+    checkpoints and a resumed run continues on exactly the same trajectory.
 
     ``alpha`` weights the **soft** (teacher) term: ``loss = alpha * T² * KL + (1 - alpha) * hard``.
 
@@ -34,31 +35,44 @@ class DistillationAnnealing(Callback):
             :class:`~lightning_kd.schedules.Schedule`, or ``None`` to leave it alone. Must stay > 0.
         alpha: schedule for ``pl_module.alpha``, as above. Must stay within ``[0, 1]``.
         interval: ``"step"`` to advance the schedules every optimizer step, ``"epoch"`` every epoch.
-        schedules: other attributes of the module to anneal, ``{attribute_name: number or Schedule}``,
-            e.g. a loss weight that warms up.
-        log: log each value as ``kd/<name>`` every step (``pl_module.log(..., on_step=True)``). Loggers
+        schedules: other attributes to anneal, ``{path: number or Schedule}``. A path is an attribute
+            of the module (``"soft_weight"``, a loss weight that warms up) or a dotted chain of them
+            from the module (``"soft_loss.beta"``, ``"soft_loss.temperature.grl_weight"`` for CTKD's
+            gradient-reversal ramp): the callback follows it with ``getattr`` and sets the last one.
+            A path ending in ``temperature`` must stay > 0, like ``temperature``.
+        count_from: the number of the first step (or epoch): the schedules are evaluated at
+            ``step + count_from``. Lightning counts from 0; the reference code of DKD (weight
+            ``min(epoch / 20, 1)``) and CTKD (the cosine ramp of the reversal weight) counts epochs from
+            1, so ``count_from=1`` gives Lightning's epoch 0 the papers' first-epoch value
+            (DKD's ``1 / 20``, not 0) and reproduces their trajectory.
+        log: log each value as ``kd/<path>`` every step (``pl_module.log(..., on_step=True)``). Loggers
             write it every ``Trainer(log_every_n_steps=...)`` steps.
 
     Raises:
-        ValueError: if no attribute is annealed, an attribute is given twice, ``temperature`` can reach
-            a value <= 0, ``alpha`` can leave ``[0, 1]``, or ``interval`` is not ``"step"`` or ``"epoch"``.
-        TypeError: if a schedule is neither a number nor a ``Schedule``, or ``schedules`` is not a
-            mapping with identifier keys.
-        RuntimeError: when training starts, if the module lacks an annealed attribute or holds it as a
-            tensor, if another ``DistillationAnnealing`` anneals the same attribute, or if the run has no
-            finite horizon and a schedule has no ``total`` of its own.
+        ValueError: if no attribute is annealed, an attribute is given twice, ``temperature`` (or a path
+            ending in ``.temperature``) can reach a value <= 0, ``alpha`` can leave ``[0, 1]``,
+            ``interval`` is not ``"step"`` or ``"epoch"``, or ``count_from`` is negative.
+        TypeError: if a schedule is neither a number nor a ``Schedule``, ``schedules`` is not a
+            mapping whose keys are identifiers or dotted paths of them, or ``count_from`` is not an int.
+        RuntimeError: when training starts, if a part of an annealed path is missing or its last
+            attribute is a tensor or a module, if another ``DistillationAnnealing`` anneals the same
+            path, or if the run has no finite horizon and a schedule has no ``total`` of its own.
 
     Example::
 
         from lightning.pytorch import Trainer
         from lightning_kd import DistillationAnnealing
-        from lightning_kd.schedules import Constant, Cosine
+        from lightning_kd.schedules import Constant, Cosine, Linear
 
         annealing = DistillationAnnealing(
             temperature=Cosine(8.0, 2.0, warmup=0.1),  # hold 8 for 10 % of the run, then decay to 2
             alpha=0.9,
-            schedules={"soft_weight": Constant(1.0, warmup=20, warmup_start=0.0)},  # DKD's warm-up
+            schedules={
+                "soft_weight": Constant(1.0, warmup=20, warmup_start=0.0),  # DKD's warm-up: 0.05, 0.1, ...
+                "soft_loss.beta": Linear(8.0, 2.0),  # an option of the loss, by its path
+            },
             interval="epoch",
+            count_from=1,  # epochs numbered from 1, as in DKD's code
         )
         trainer = Trainer(max_epochs=240, callbacks=[annealing])
     """
@@ -70,46 +84,56 @@ class DistillationAnnealing(Callback):
         *,
         interval: Literal["step", "epoch"] = "step",
         schedules: Mapping[str, float | Schedule] | None = None,
+        count_from: int = 0,
         log: bool = True,
     ) -> None:
         if interval not in _INTERVALS:
             raise ValueError(f"Expected `interval` to be one of {list(_INTERVALS)}, but got {interval!r}")
         if schedules is not None and not isinstance(schedules, Mapping):
             raise TypeError(
-                f"Expected `schedules` to be a mapping {{attribute_name: number or Schedule}}, but got"
+                f"Expected `schedules` to be a mapping {{attribute path: number or Schedule}}, but got"
                 f" {type(schedules).__name__}"
+            )
+        if not isinstance(count_from, int) or isinstance(count_from, bool):
+            raise TypeError(
+                f"Expected `count_from` to be an int >= 0 (the number of the first step or epoch), but got"
+                f" {count_from!r} of type {type(count_from).__name__}"
+            )
+        if count_from < 0:
+            raise ValueError(
+                f"Expected `count_from` to be an int >= 0 (the number of the first step or epoch), but got"
+                f" {count_from}"
             )
 
         self.schedules: dict[str, Schedule] = {}
         named = {"temperature": temperature, "alpha": alpha}
-        for name, value in [*((k, v) for k, v in named.items() if v is not None), *(schedules or {}).items()]:
-            if not isinstance(name, str) or not name.isidentifier():
-                raise TypeError(f"Expected the keys of `schedules` to be attribute names, but got {name!r}")
-            if name in self.schedules:
-                raise ValueError(
-                    f"`{name}` is annealed twice: pass it either as the `{name}` argument or in `schedules`, not both"
+        for path, value in [*((k, v) for k, v in named.items() if v is not None), *(schedules or {}).items()]:
+            if not isinstance(path, str) or not all(part.isidentifier() for part in path.split(".")):
+                raise TypeError(
+                    "Expected the keys of `schedules` to be attribute names or dotted paths of them"
+                    f" (e.g. 'soft_loss.beta'), but got {path!r}"
                 )
-            self.schedules[name] = as_schedule(value)
+            if path in self.schedules:
+                raise ValueError(
+                    f"`{path}` is annealed twice: pass it either as the `{path}` argument or in `schedules`, not both"
+                )
+            self.schedules[path] = as_schedule(value)
         if not self.schedules:
             raise ValueError(
                 "Expected at least one of `temperature`, `alpha` or `schedules` to be set: this callback would do"
                 " nothing. Either set one or remove the callback"
             )
 
-        if "temperature" in self.schedules:
-            low, _ = self.schedules["temperature"].value_range()
-            if low <= 0:
-                raise ValueError(
-                    f"Expected `temperature` to stay > 0, but {self.schedules['temperature']} goes down to {low}"
-                )
-        if "alpha" in self.schedules:
-            low, high = self.schedules["alpha"].value_range()
-            if low < 0 or high > 1:
-                raise ValueError(
-                    f"Expected `alpha` to stay within [0, 1], but {self.schedules['alpha']} spans [{low}, {high}]"
-                )
+        for path, schedule in self.schedules.items():
+            low, high = schedule.value_range()
+            # A temperature anywhere (the module's, or a loss's by its path) divides the logits.
+            if path.rpartition(".")[2] == "temperature" and low <= 0:
+                raise ValueError(f"Expected `{path}` to stay > 0, but {schedule} goes down to {low}")
+            if path == "alpha" and (low < 0 or high > 1):
+                raise ValueError(f"Expected `alpha` to stay within [0, 1], but {schedule} spans [{low}, {high}]")
 
         self.interval = interval
+        self.count_from = count_from
         # Not `self.log`: Lightning overwrites `callback.log` with `pl_module.log` when fit starts.
         self.log_values = log
         # Transient, recomputed from the Trainer in `on_train_start` of every fit (resumed or not).
@@ -120,7 +144,9 @@ class DistillationAnnealing(Callback):
     def state_key(self) -> str:
         # Nothing is saved (see `state_dict`), but a key unique per configuration keeps several
         # instances apart should state ever be added, as `EarlyStopping` does.
-        return self._generate_state_key(attributes=tuple(self.schedules), interval=self.interval)
+        return self._generate_state_key(
+            attributes=tuple(self.schedules), interval=self.interval, count_from=self.count_from
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -133,10 +159,10 @@ class DistillationAnnealing(Callback):
         # Not `on_fit_start`: on resume `global_step` is only restored by now.
         self._check_module(pl_module)
         self._check_no_overlap(trainer)
-        self._horizons = {name: self._horizon(trainer, name, schedule) for name, schedule in self.schedules.items()}
-        for name, schedule in self.schedules.items():
+        self._horizons = {path: self._horizon(trainer, path, schedule) for path, schedule in self.schedules.items()}
+        for path, schedule in self.schedules.items():
             # Evaluate at the horizon once so that a schedule that cannot run on it fails now.
-            schedule(self._horizons[name], self._horizons[name])
+            schedule(self._horizons[path], self._horizons[path])
         # Set the values now too, so that the module is consistent before its first batch.
         self._apply(trainer, pl_module, log=False)
 
@@ -146,7 +172,7 @@ class DistillationAnnealing(Callback):
 
     # -- public helper ---------------------------------------------------------------------------
     def values(self, trainer: Trainer) -> dict[str, float]:
-        """The value of each annealed attribute at the Trainer's current step (or epoch).
+        """The value of each annealed path at the Trainer's current step (or epoch) plus ``count_from``.
 
         Raises:
             RuntimeError: if called before training starts (the horizon is not known yet).
@@ -154,32 +180,47 @@ class DistillationAnnealing(Callback):
         if not self._horizons:
             raise RuntimeError("`DistillationAnnealing.values` needs the run's horizon: call it once training started")
         step = trainer.global_step if self.interval == "step" else trainer.current_epoch
-        return {name: schedule(step, self._horizons[name]) for name, schedule in self.schedules.items()}
+        step += self.count_from
+        return {path: schedule(step, self._horizons[path]) for path, schedule in self.schedules.items()}
 
     # -- internals -------------------------------------------------------------------------------
     def _apply(self, trainer: Trainer, pl_module: LightningModule, *, log: bool) -> None:
-        for name, value in self.values(trainer).items():
-            setattr(pl_module, name, value)
+        for path, value in self.values(trainer).items():
+            *parents, name = path.split(".")
+            setattr(reduce(getattr, parents, pl_module), name, value)
             if log:
                 # Without a logger the value still reaches `trainer.callback_metrics`; `logger=False`
                 # then avoids Lightning's "no logger configured" warning.
-                pl_module.log(f"kd/{name}", value, on_step=True, on_epoch=False, logger=bool(trainer.loggers))
+                pl_module.log(f"kd/{path}", value, on_step=True, on_epoch=False, logger=bool(trainer.loggers))
 
     def _check_module(self, pl_module: LightningModule) -> None:
         cls = type(pl_module).__name__
-        for name in self.schedules:
-            if not hasattr(pl_module, name):
-                raise RuntimeError(
-                    f"`DistillationAnnealing` anneals `{name}`, but `{cls}` has no attribute `{name}`. Either give"
-                    f" the module a float attribute `{name}` that it reads in `training_step`, or remove `{name}`"
-                    " from the callback"
-                )
-            if isinstance(getattr(pl_module, name), torch.Tensor):
-                raise RuntimeError(
-                    f"`DistillationAnnealing` sets `{name}` to a float, but `{cls}.{name}` is a tensor (a learned"
-                    f" or registered value would be replaced). Either store `{name}` as a plain float, or remove"
-                    f" `{name}` from the callback"
-                )
+        for path in self.schedules:
+            parts = path.split(".")
+            value: Any = pl_module
+            for depth, part in enumerate(parts):
+                if not hasattr(value, part):
+                    owner = ".".join([cls, *parts[:depth]])
+                    fix = (
+                        f"give `{owner}` a float attribute `{part}` that the module reads in `training_step`"
+                        if depth == len(parts) - 1
+                        else "correct the path (each part an attribute of the one before it, from the module)"
+                    )
+                    raise RuntimeError(
+                        f"`DistillationAnnealing` anneals `{path}`, but `{owner}` has no attribute `{part}`. Either"
+                        f" {fix}, or remove `{path}` from the callback"
+                    )
+                value = getattr(value, part)
+            if isinstance(value, torch.Tensor):
+                kind, fix = "a tensor", f"store `{parts[-1]}` as a plain float"
+            elif isinstance(value, torch.nn.Module):
+                kind, fix = f"a `{type(value).__name__}` module", f"anneal a float attribute of it (`{path}.<name>`)"
+            else:
+                continue
+            raise RuntimeError(
+                f"`DistillationAnnealing` sets `{path}` to a float, but `{cls}.{path}` is {kind} (a learned or"
+                f" registered value would be replaced). Either {fix}, or remove `{path}` from the callback"
+            )
 
     def _check_no_overlap(self, trainer: Trainer) -> None:
         mine = set(self.schedules)
@@ -193,7 +234,7 @@ class DistillationAnnealing(Callback):
                     " Remove it from one of them"
                 )
 
-    def _horizon(self, trainer: Trainer, name: str, schedule: Schedule) -> int:
+    def _horizon(self, trainer: Trainer, path: str, schedule: Schedule) -> int:
         if schedule.total is not None:
             return schedule.total
         if self.interval == "step":
@@ -205,7 +246,7 @@ class DistillationAnnealing(Callback):
         if total is None or not math.isfinite(total) or total < 1:
             limit = "max_steps" if self.interval == "step" else "max_epochs"
             raise RuntimeError(
-                f"`DistillationAnnealing` needs a finite horizon for `{name}` with interval={self.interval!r}, but"
+                f"`DistillationAnnealing` needs a finite horizon for `{path}` with interval={self.interval!r}, but"
                 f" {what} is {total}. Either set `Trainer({limit}=...)`, or give the schedule its own horizon:"
                 f" {type(schedule).__name__}(..., total=N)"
             )

@@ -1,4 +1,4 @@
-"""DistillationAnnealing: values per step, resume, logging, several instances, errors."""
+"""DistillationAnnealing: values per step, count_from, dotted paths, resume, logging, several instances, errors."""
 
 import csv
 import math
@@ -51,6 +51,34 @@ class StandIn(pl.LightningModule):
         n = BATCH * N_BATCHES
         data = TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 2, generator=g))
         return DataLoader(data, batch_size=BATCH, shuffle=False)
+
+
+class GRLTemperature(nn.Module):
+    """Holds a plain float, like CTKD's learned temperature holds its reversal weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.grl_weight = 0.0
+
+
+class SoftLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = 0.0
+        self.temperature = GRLTemperature()
+
+
+class WithLoss(StandIn):
+    """StandIn with a loss submodule whose options are reached by dotted paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.soft_loss = SoftLoss()
+        self.nested = []  # (global_step, soft_loss.beta, soft_loss.temperature.grl_weight) per step
+
+    def training_step(self, batch, batch_idx):
+        self.nested.append((self.global_step, self.soft_loss.beta, self.soft_loss.temperature.grl_weight))
+        return super().training_step(batch, batch_idx) + self.soft_loss.beta * self.net.weight.pow(2).sum()
 
 
 def make_trainer(tmp_path, callbacks, logger=False, **kwargs):
@@ -130,6 +158,81 @@ def test_hooks_on_a_fake_trainer():
     assert (module.temperature, module.alpha) == (3.0, 0.3)
     assert cb.values(trainer) == {"temperature": 3.0, "alpha": 0.3}
     assert cb.state_dict() == {}
+
+
+# -- count_from -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("count_from", [0, 1])
+def test_count_from_one_gives_epoch_0_the_papers_first_value(tmp_path, count_from):
+    # DKD's reference code: weight min(epoch / 20, 1) for epochs numbered 1..240.
+    model = StandIn()
+    warmup = Constant(1.0, warmup=20, warmup_start=0.0)
+    cb = DistillationAnnealing(schedules={"beta": warmup}, interval="epoch", count_from=count_from)
+    make_trainer(tmp_path, [cb], max_epochs=22, limit_train_batches=1).fit(model)
+    assert column(model.seen, 1) == list(range(22))
+    by_epoch = column(model.seen, 4)
+    if count_from == 1:
+        assert by_epoch == pytest.approx([min(epoch / 20, 1.0) for epoch in range(1, 23)])
+        assert by_epoch[0] == pytest.approx(0.05) and by_epoch[18] == pytest.approx(0.95)
+        assert by_epoch[19:] == [1.0, 1.0, 1.0]  # from Lightning's epoch 19, the papers' epoch 20
+    else:
+        assert by_epoch == pytest.approx([min(epoch / 20, 1.0) for epoch in range(22)])
+        assert by_epoch[0] == 0.0 and by_epoch[19] == pytest.approx(0.95) and by_epoch[20] == 1.0
+
+
+def test_count_from_shifts_steps_too():
+    cb = DistillationAnnealing(temperature=Linear(4.0, 2.0), count_from=3, log=False)
+    module = StandIn()
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=10, callbacks=[cb])
+    cb.on_train_start(trainer, module)
+    assert module.temperature == Linear(4.0, 2.0)(3, 10) == pytest.approx(3.4)
+    trainer.global_step = 8  # 8 + 3 is past the horizon: the end value, held
+    assert cb.values(trainer) == {"temperature": 2.0}
+    assert cb.state_key != DistillationAnnealing(temperature=Linear(4.0, 2.0), log=False).state_key
+
+
+# -- dotted paths ---------------------------------------------------------------------------------
+def test_dotted_paths_set_nested_attributes(tmp_path):
+    beta, grl = Linear(0.0, 1.0), Cosine(0.0, 1.0, total=4)
+    schedules = {"soft_loss.beta": beta, "soft_loss.temperature.grl_weight": grl}
+    model = WithLoss()
+    trainer = make_trainer(tmp_path, [DistillationAnnealing(schedules=schedules)], max_epochs=2)
+    trainer.fit(model)
+    total = 2 * N_BATCHES
+    assert column(model.nested, 0) == list(range(total))
+    assert column(model.nested, 1) == pytest.approx([s / 6 for s in range(total)])  # Linear, horizon 6 steps
+    # half cosine 0 -> 1 over its own 4 steps, then held
+    half = math.sqrt(0.5) / 2
+    assert column(model.nested, 2) == pytest.approx([0.0, 0.5 - half, 0.5, 0.5 + half, 1.0, 1.0])
+    assert column(model.seen, 4) == [0.0] * total  # the module's own `beta` is another attribute: left alone
+    assert not hasattr(model, "grl_weight")
+    assert trainer.callback_metrics["kd/soft_loss.beta"].item() == pytest.approx(5 / 6)
+    assert trainer.callback_metrics["kd/soft_loss.temperature.grl_weight"].item() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("path", "match"),
+    [
+        ("soft_los.beta", r"anneals `soft_los.beta`, but `WithLoss` has no attribute `soft_los`. Either correct"),
+        ("soft_loss.gamma", r"but `WithLoss.soft_loss` has no attribute `gamma`. Either give `WithLoss.soft_loss` a"),
+        ("soft_loss.temperature.grl", r"but `WithLoss.soft_loss.temperature` has no attribute `grl`"),
+        ("soft_loss.temperature", r"is a `GRLTemperature` module .* anneal a float attribute of it \(`soft_loss\.temp"),
+        ("soft_loss.scale", r"`WithLoss.soft_loss.scale` is a tensor.*Either store `scale` as a plain float"),
+    ],
+)
+def test_dotted_path_errors_name_the_missing_part(path, match):
+    model = WithLoss()
+    model.soft_loss.register_buffer("scale", torch.tensor(1.0))
+    cb = DistillationAnnealing(schedules={path: 1.0}, log=False)
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=10, callbacks=[cb])
+    with pytest.raises(RuntimeError, match=match):
+        cb.on_train_start(trainer, model)
+    assert model.soft_loss.beta == 0.0 and model.soft_loss.temperature.grl_weight == 0.0  # nothing was set
+
+
+def test_missing_part_of_a_path_raises_in_fit(tmp_path):
+    cb = DistillationAnnealing(schedules={"soft_loss.temperature.grl": Linear(0.0, 1.0)})
+    with pytest.raises(RuntimeError, match="`WithLoss.soft_loss.temperature` has no attribute `grl`"):
+        make_trainer(tmp_path, [cb], max_steps=1).fit(WithLoss())
 
 
 # -- resume ---------------------------------------------------------------------------------------
@@ -260,6 +363,14 @@ def test_two_instances_annealing_the_same_attribute_raise(tmp_path):
         ({"temperature": "4"}, TypeError, "Expected a number or a Schedule, but got '4'"),
         ({"schedules": [("beta", 1.0)]}, TypeError, "Expected `schedules` to be a mapping"),
         ({"schedules": {"not a name": 1.0}}, TypeError, "Expected the keys of `schedules` to be attribute names"),
+        ({"schedules": {"soft_loss..beta": 1.0}}, TypeError, "attribute names or dotted paths of them"),
+        ({"schedules": {".beta": 1.0}}, TypeError, r"dotted paths of them \(e.g. 'soft_loss.beta'\), but got '.beta'"),
+        ({"schedules": {"soft_loss.2": 1.0}}, TypeError, "Expected the keys of `schedules` to be attribute names"),
+        ({"schedules": {"soft_loss.temperature": Linear(2.0, 0.0)}}, ValueError, "`soft_loss.temperature` to stay > 0"),
+        ({"alpha": 0.5, "count_from": -1}, ValueError, r"Expected `count_from` to be an int >= 0 .*, but got -1"),
+        ({"alpha": 0.5, "count_from": 1.0}, TypeError, r"Expected `count_from` to be an int >= 0 .* of type float"),
+        ({"alpha": 0.5, "count_from": True}, TypeError, r"Expected `count_from` to be an int .* but got True of type"),
+        ({"alpha": 0.5, "count_from": "1"}, TypeError, "Expected `count_from` to be an int"),
     ],
 )
 def test_construction_errors(kwargs, error, match):
