@@ -1,15 +1,14 @@
 """The epoch metrics of a distillation run: the student's accuracy (or MSE), its top-1 agreement with
 and KL to the teacher, and the teacher's own accuracy, as torchmetrics means (reduced across ranks).
 
-Lightning-free: :class:`~lightning_kd.DistillationModule` updates them in its steps and logs what
-:meth:`DistillationMetrics.compute` returns (inside :func:`quiet_epoch_metric_warnings`).
+Lightning-free: :class:`~lightning_kd.DistillationModule` updates them in its steps and logs the
+metric objects themselves (``self.log(name, metric, on_epoch=True)``): Lightning computes them on
+every rank at the same point of the epoch's end (a plain tensor with ``sync_dist=True`` would be
+reduced lazily, whenever rank 0's progress bar asks: a collective the other ranks never join).
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,22 +19,6 @@ from lightning_kd.losses import IGNORE_INDEX, TopKLogits, check_teacher, kl_per_
 METRIC_NAMES = ("loss", "acc", "agreement", "kl", "mse", "teacher_acc", "teacher_mse")
 TRAIN_NAMES = ("loss_epoch", "soft_loss_epoch", "hard_loss_epoch", "acc", "agreement", "mse")
 
-_SYNC_DIST_WARNING = r"It is recommended to use `self.log\('(train|val|test)/(" + "|".join(METRIC_NAMES) + r"|(soft_|hard_)?loss_epoch)'"
-
-
-@contextlib.contextmanager
-def quiet_epoch_metric_warnings() -> Iterator[None]:
-    """Silence, while the epoch metrics are logged, Lightning's advice to pass ``sync_dist=True`` for exactly their names.
-
-    They are torchmetrics, computed (and reduced across ranks) by every rank at the same point in
-    the epoch-end hooks, then logged as plain tensors; ``sync_dist=True`` would reduce them again,
-    lazily, whenever rank 0's progress bar asks: a collective the other ranks never join (a deadlock).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SYNC_DIST_WARNING)
-        yield
-
-
 class DistillationMetrics(nn.ModuleDict):
     """``{"<stage>_<name>": MeanMetric}`` for the stages train, val and test."""
 
@@ -45,9 +28,20 @@ class DistillationMetrics(nn.ModuleDict):
         super().__init__({key: MeanMetric() for key in keys})
 
     def accumulate(
-        self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None, *, compare: bool
-    ) -> None:
-        """Accumulate one batch; ``compare``: also agreement and KL with the teacher (its outputs are a distribution)."""
+        self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None, *, compare: bool,
+        teacher_metrics: bool = True,
+    ) -> list[str]:
+        """Accumulate one batch and return the keys of the metrics it updated.
+
+        ``compare``: also agreement and KL with the teacher (its outputs are a distribution);
+        ``teacher_metrics``: also the teacher's own accuracy (or MSE).
+        """
+        updated: list[str] = []
+
+        def update(key: str, value: Tensor) -> None:
+            self[key].update(value)
+            updated.append(key)
+
         s = student_out.detach().float()
         t = teacher_out
         if isinstance(t, Tensor):
@@ -56,17 +50,18 @@ class DistillationMetrics(nn.ModuleDict):
             check_teacher(s, t)  # before any metric compares them (the sanity check runs validation first)
         top1 = None if t is None else (t.top1() if isinstance(t, TopKLogits) else t.argmax(-1))
         if t is not None and compare:
-            self[f"{stage}_agreement"].update((s.argmax(-1) == top1).float().flatten())
+            update(f"{stage}_agreement", (s.argmax(-1) == top1).float().flatten())
             if stage != "train":
-                self[f"{stage}_kl"].update(kl_per_position(s, t, 1.0).flatten())
+                update(f"{stage}_kl", kl_per_position(s, t, 1.0).flatten())
+        teacher = t is not None and stage != "train" and teacher_metrics
         if targets is None:
-            return
+            return updated
         if targets.is_floating_point():  # regression
             labeled = ~torch.isnan(targets).any(dim=-1)
-            self[f"{stage}_mse"].update((s - targets).pow(2).mean(-1)[labeled])
-            if t is not None and stage != "train":
-                self[f"{stage}_teacher_mse"].update((t - targets).pow(2).mean(-1)[labeled])
-            return
+            update(f"{stage}_mse", (s - targets).pow(2).mean(-1)[labeled])
+            if teacher:
+                update(f"{stage}_teacher_mse", (t - targets).pow(2).mean(-1)[labeled])
+            return updated
         if targets.shape != s.shape[:-1]:
             raise ValueError(
                 f"Expected class targets of shape {tuple(s.shape[:-1])} (the outputs without their class dimension) for "
@@ -74,18 +69,7 @@ class DistillationMetrics(nn.ModuleDict):
                 "(e.g. `targets.squeeze(-1)`)."
             )
         labeled = targets != IGNORE_INDEX
-        self[f"{stage}_acc"].update((s.argmax(-1) == targets)[labeled].float())
-        if t is not None and stage != "train":
-            self[f"{stage}_teacher_acc"].update((top1 == targets)[labeled].float())
-
-    def compute(self, stage: str, *, skip_teacher: bool = False) -> dict[str, Tensor]:
-        """``{name: value}`` of the stage's updated metrics, then reset; ``skip_teacher`` resets ``teacher_*`` unread."""
-        values = {}
-        for key, metric in self.items():
-            prefix, name = key.split("_", 1)
-            if prefix != stage or metric.update_count == 0:
-                continue
-            if not (skip_teacher and name.startswith("teacher_")):
-                values[name] = metric.compute()
-            metric.reset()
-        return values
+        update(f"{stage}_acc", (s.argmax(-1) == targets)[labeled].float())
+        if teacher:
+            update(f"{stage}_teacher_acc", (top1 == targets)[labeled].float())
+        return updated

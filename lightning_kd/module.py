@@ -21,7 +21,7 @@ from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precis
 from lightning_kd.hygiene import FrozenTeacher
 from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
 from lightning_kd.losses.hard import class_per_position
-from lightning_kd.metrics import DistillationMetrics, quiet_epoch_metric_warnings
+from lightning_kd.metrics import DistillationMetrics
 from lightning_kd.soft_targets.store import SoftTargetStore, open_store
 from lightning_kd.teacher_outputs import StoredTeacherOutputs, TeacherOutputs
 from lightning_kd.speed import Speed
@@ -288,11 +288,11 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             self.log("train/temperature", self.temperature, on_step=True, on_epoch=False, batch_size=n)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
             value = losses[key].detach()
-            # Per step: this rank's value, no collective. Per epoch: a torchmetrics mean, reduced across
-            # ranks in `on_train_epoch_end` (a `sync_dist` epoch value read by the progress bar at another
-            # point on each rank deadlocks DDP).
+            # Per step: this rank's value, no collective. Per epoch: a torchmetrics mean, which Lightning
+            # reduces across ranks at the epoch's end.
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=n)
             self.metrics[f"train_{name}_epoch"].update(value, weight=n)
+            self._log_metric("train", f"{name}_epoch")
         self._update_metrics("train", student_out, teacher_out, targets)
         self._guard.check_loss(losses["loss"], where)
         return losses["loss"]
@@ -319,6 +319,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self._guard.check_student(student_out, where)  # in training a non-finite output makes the loss non-finite
         if targets is not None:
             self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
+            self._log_metric(stage, "loss")
         self._update_metrics(stage, student_out, teacher_out, targets)
 
     def _hard(self, student_out: Tensor, targets: Tensor) -> Tensor:
@@ -327,29 +328,30 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         return self.hard_loss(student_out, targets)
 
     def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> None:
-        self.metrics.accumulate(stage, student_out, teacher_out, targets, compare=self.soft_loss.compares_distributions)
-
-    def _log_metrics(self, stage: str) -> None:
-        self._guard.flush()  # the checks still recorded on an accelerator, before anything is logged or saved
         # the frozen teacher's validation accuracy is logged once (not during the sanity check)
-        skip = stage == "val" and (self._teacher_acc_logged or self.trainer.sanity_checking)
-        with quiet_epoch_metric_warnings():
-            for name, value in self.metrics.compute(stage, skip_teacher=skip).items():
-                self.log(f"{stage}/{name}", value, prog_bar=name == "acc", sync_dist=False)
-        if stage == "val" and not self.trainer.sanity_checking and self.teacher is not None:
-            self._teacher_acc_logged = True
+        once = stage != "val" or not (self._teacher_acc_logged or self.trainer.sanity_checking)
+        updated = self.metrics.accumulate(stage, student_out, teacher_out, targets,
+                                          compare=self.soft_loss.compares_distributions, teacher_metrics=once)
+        for key in updated:
+            self._log_metric(stage, key.split("_", 1)[1])
+
+    def _log_metric(self, stage: str, name: str) -> None:
+        """Log the torchmetrics object itself: Lightning computes it (reduced across ranks) and resets it at the epoch's end."""
+        self.log(f"{stage}/{name}", self.metrics[f"{stage}_{name}"], on_step=False, on_epoch=True, prog_bar=name == "acc")
 
     @override
     def on_train_epoch_end(self) -> None:
-        self._log_metrics("train")
+        self._guard.flush()  # the checks still recorded on an accelerator, before anything is logged or saved
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
+        self._guard.flush()
+        if not self.trainer.sanity_checking and self.teacher is not None:
+            self._teacher_acc_logged = True
 
     @override
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
+        self._guard.flush()
 
     # ------------------------------------------------------------------ optimizers
     def trainable_parameters(self) -> list[nn.Parameter]:
