@@ -2,7 +2,7 @@
 
 Cached soft targets are only right for the view of the input the teacher saw. A dataset that
 augments at random in ``__getitem__`` gives the student another view every epoch, and targets
-keyed by sample index alone go stale (KD_FACTS.md). These augmentations draw their parameters
+keyed by sample index alone go stale (a known bug of several KD projects). These augmentations draw their parameters
 from a counter-based hash of ``(seed, epoch, index)`` instead of a global RNG, so that:
 
 - a soft-target cache built for ``E`` epochs records, for every (sample, epoch), the parameters it
