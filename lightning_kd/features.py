@@ -120,10 +120,6 @@ class FeatureDistillation(nn.Module):
             hooks.remove()
         self._hooks = {}
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._hooks)
-
     def clear(self) -> None:
         for hooks in self._hooks.values():
             hooks.clear()

@@ -73,7 +73,7 @@ class FrozenTeacher:
         teacher = self.teacher  # type: ignore[attr-defined]
         if teacher is None:
             return None
-        trainer = self._trainer  # type: ignore[attr-defined]
+        trainer = attached_trainer(self)
         fitting = trainer is not None and trainer.training
         if self._teacher_fingerprint is None or not fitting:
             self._teacher_fingerprint = fingerprint(teacher)
@@ -140,3 +140,11 @@ class FrozenTeacher:
                 "`teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or save checkpoints with "
                 "`keep_teacher_in_checkpoint=True`."
             )
+
+
+def attached_trainer(module: Any) -> Any:
+    """The module's Trainer, or None when it is not attached to one (a user calling a hook by hand)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
+        return None

@@ -18,7 +18,7 @@ from lightning_kd.checkpoint import LOADING_CHECKPOINT, allow_missing_teacher_ke
 from lightning_kd.data.augment import Augmentation
 from lightning_kd.features import FeatureDistillation, FeatureTerm
 from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
-from lightning_kd.hygiene import FrozenTeacher
+from lightning_kd.hygiene import FrozenTeacher, attached_trainer
 from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
 from lightning_kd.losses.hard import class_per_position
 from lightning_kd.metrics import DistillationMetrics
@@ -364,8 +364,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        if self._trainer is not None:  # None when a test or a user calls setup by hand
-            check_precision(self._trainer)
+        trainer = attached_trainer(self)
+        if trainer is not None:  # None when a test or a user calls setup by hand
+            check_precision(trainer)
         # Before the strategy wraps the module (DDP) and the optimizer is made: hooks and adapters exist by then.
         if stage == "fit" and self.feature_distillation is not None:
             self.feature_distillation.attach()
