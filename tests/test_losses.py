@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lightning_kd.losses import (
+    HardCrossEntropyLoss,
+    HardMSELoss,
     KDLoss,
     cross_entropy_loss,
-    get_hard_loss,
     kd_loss,
     mse_loss,
     soft_mse_loss,
@@ -92,6 +93,10 @@ def test_kd_loss_identical_distributions_is_zero_and_gradcheck():
 def test_kd_module_equals_functional():
     s, t = torch.randn(5, 7), torch.randn(5, 7)
     assert KDLoss(3.0)(s, t).item() == kd_loss(s, t, 3.0).item()
+    assert KDLoss(3.0)(s, t).item() == pytest.approx(ref_kd(s, t, 3.0), rel=1e-5)
+    mask = torch.tensor([True, False, True, True, False])
+    assert KDLoss(2.0, scale_by_t2=False)(s, t, mask=mask).item() == kd_loss(s, t, 2.0, mask=mask, scale_by_t2=False).item()
+    assert KDLoss(2.0, scale_by_t2=False)(s, t, mask=mask).item() == pytest.approx(ref_kd(s, t, 2.0, mask, t2=False), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -104,6 +109,8 @@ def test_kd_module_equals_functional():
 def test_kd_loss_bad_temperature(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kd_loss(torch.randn(2, 3), torch.randn(2, 3), **kwargs)
+    with pytest.raises(ValueError, match=match):  # the object checks at construction
+        KDLoss(**kwargs)
 
 
 def test_kd_loss_shape_mismatch_names_both_shapes():
@@ -146,12 +153,38 @@ def test_hard_targets_that_do_not_fit_the_outputs():
         cross_entropy_loss(torch.randn(3, 10), torch.tensor([0, 5, 99]))
     with pytest.raises(ValueError, match=r"Expected targets of shape \(3,\)"):
         cross_entropy_loss(torch.randn(3, 10), torch.tensor([[0], [1], [2]]))
-    with pytest.raises(TypeError, match=r"integer class indices.*hard_loss='mse'"):
+    with pytest.raises(TypeError, match=r"integer class indices as targets for the cross-entropy.*Use HardMSELoss"):
         cross_entropy_loss(torch.randn(3, 10), torch.randn(3))
     with pytest.raises(ValueError, match=r"regression targets of shape \(3, 2\)"):
         mse_loss(torch.randn(3, 2), torch.randn(3, 5))
 
 
-def test_unknown_hard_loss_lists_valid_names():
-    with pytest.raises(ValueError, match=r"Unknown `hard_loss` 'hinge'. Expected one of cross_entropy, mse"):
-        get_hard_loss("hinge")
+def test_hard_loss_modules_equal_their_functions_and_the_references():
+    logits = torch.randn(6, 4)
+    y = torch.tensor([0, 3, -100, 2, -100, 1])
+    lp = torch.log_softmax(logits.double(), -1)
+    expected = -sum(lp[i, y[i]].item() for i in range(6) if y[i] >= 0) / 4
+    assert HardCrossEntropyLoss()(logits, y).item() == cross_entropy_loss(logits, y).item()
+    assert HardCrossEntropyLoss()(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    labeled = [0, 1, 3, 5]
+    onehot = torch.eye(4, dtype=torch.float64)[y[labeled]]
+    expected = ((logits[labeled].double() - onehot) ** 2).mean().item()
+    assert HardMSELoss()(logits, y).item() == mse_loss(logits, y).item()
+    assert HardMSELoss()(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    # check_values=False (the module checks every batch itself, without a device sync): an
+    # out-of-range target is left out, not read as a class and not a crash
+    y_bad = y.clone()
+    y_bad[0] = 99
+    kept = [1, 3, 5]
+    expected = -sum(lp[i, y[i]].item() for i in kept) / 3
+    assert HardCrossEntropyLoss()(logits, y_bad, check_values=False).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"class targets in \[0, 4\)"):
+        HardCrossEntropyLoss()(logits, y_bad)
+
+
+def test_hard_loss_modules_take_no_options():
+    # what the registry's "unknown hard_loss" became: a wrong option is Python's own TypeError
+    with pytest.raises(TypeError, match="unexpected keyword argument 'reduction'"):
+        HardCrossEntropyLoss(reduction="sum")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ignore_index'"):
+        HardMSELoss(ignore_index=-1)
