@@ -185,7 +185,7 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def _setting(report: dict[str, Any]) -> dict[str, Any]:
     """What a run's report says about its settings, seed excluded, as dotted keys: ``meta``'s and each
-    stage's (``student_distilled:distill.temperature``; the stage hashes in ``meta`` say the same)."""
+    stage's (``student_distilled:distill.soft_loss.temperature``; the stage hashes in ``meta`` say the same)."""
     meta = {k: v for k, v in report.get("meta", {}).items() if k not in ("seed", "stage_settings")}
     flat = _flat(meta) if meta else {}
     for stage, values in (report.get("settings") or {}).items():
@@ -194,7 +194,7 @@ def _setting(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _readable(settings: dict[str, Any]) -> dict[str, Any]:
-    """``student_distilled:distill.temperature`` as ``distill.temperature`` when every stage agrees on it."""
+    """``student_distilled:distill.soft_loss.temperature`` as ``distill.soft_loss.temperature`` when every stage agrees on it."""
     short: dict[str, set[str]] = {}
     for key, value in settings.items():
         short.setdefault(key.split(":", 1)[-1], set()).add(json.dumps(value, sort_keys=True, default=str))
@@ -223,7 +223,7 @@ def summarize_groups(run_dirs: Iterable[str | Path]) -> list[tuple[dict[str, Any
     """:func:`summarize` per group of runs that differ only in their seed.
 
     Returns one ``(settings, table, text)`` per group, where ``settings`` holds the dotted keys whose
-    values differ between the groups (``meta.temperature``, ``student_distilled:distill.temperature``)
+    values differ between the groups (``meta.temperature``, ``student_distilled:distill.soft_loss.temperature``)
     with this group's values; empty when all runs share their settings.
     """
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}

@@ -36,7 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
-from lightning_kd.soft_targets.store import store_state
+from lightning_kd.soft_targets.store import SoftTargetStore
 from lightning_kd.io import atomic_write, atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger("lightning_kd")
@@ -88,7 +88,7 @@ def check_lengths(cfg: DictConfig, stages: list[str]) -> None:
             )
     for stage in stages:
         if stage not in EPOCHS or (stage == "teacher" and cfg.teacher.get("checkpoint")):
-            continue  # the cache stage makes one pass; a given teacher is only evaluated
+            continue  # the soft_targets stage makes one pass; a given teacher is only evaluated
         value = OmegaConf.select(cfg, EPOCHS[stage])
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
@@ -102,10 +102,10 @@ def record(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> dict[
     teacher: dict[str, Any] | None = None
     if stage == "teacher" and cfg.teacher.get("checkpoint"):
         teacher = {"checkpoint_sha256": _digests(cfg, cfg.teacher.checkpoint)}
-    elif stage in DISTILLED and cfg.distill.get("targets", "online") == "cached":
-        if store_state(Path(cfg.cache.path)) != "complete":
+    elif stage in DISTILLED and cfg.soft_targets.offline:
+        if not SoftTargetStore.is_complete(cfg.soft_targets.path):
             return None  # built by this run (and checked against the teacher when opened)
-        spec = read_json(Path(cfg.cache.path) / "manifest.json", what="store manifest")
+        spec = read_json(Path(cfg.soft_targets.path) / "manifest.json", what="store manifest")
         teacher = {"store": {
             "teacher": (spec.get("teacher") or {}).get("fingerprint"),
             **{k: spec.get(k) for k in ("dtype", "top_k", "epochs", "augmentation", "augmentation_seed")},
@@ -113,7 +113,7 @@ def record(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> dict[
         }}
     elif stage in DISTILLED:
         if teacher_checkpoint is None or not Path(teacher_checkpoint).expanduser().is_file():
-            return None  # the teacher stage has not run yet (a missing given file: build_module says so)
+            return None  # the teacher stage has not run yet (a missing given file: loading it says so)
         teacher = {"checkpoint_sha256": _digests(cfg, teacher_checkpoint)}
     return stage_record(cfg, stage, teacher=teacher)
 
@@ -131,9 +131,13 @@ def _plain(node: Any) -> Any:
 def stage_record(cfg: DictConfig, stage: str, *, teacher: dict[str, Any] | None) -> dict[str, Any]:
     """What determines ``stage``'s result: the resolved settings it is built from, and its teacher's identity.
 
-    Left out: where things are written (``run_dir``, logger, report, ``cache.path``, ``data.data_dir``),
-    how the run is shown, ``num_workers``, and the epochs of the other student stage. A distilled stage's
-    teacher enters through ``teacher``: the SHA-256 of its checkpoint file(s) or the store's identity.
+    In: the ``distill`` partial as it resolves (the module class and every loss object's settings; the
+    teacher and scratch stages use its class and ``hard_loss`` only), the ``speed`` settings the stage
+    uses, ``soft_targets.offline`` and the ``schedule`` of distilled stages, the data, the recipe, the
+    trainer and the callbacks that act on training. Left out: where things are written (``run_dir``,
+    logger, report, ``soft_targets.path``, ``data.data_dir``), how the run is shown, ``num_workers``,
+    and the epochs of the other student stage. A distilled stage's teacher enters through ``teacher``:
+    the SHA-256 of its checkpoint file(s) or the store's identity.
     """
     transfer = stage == "student_distilled_transfer"
     data = {k: v for k, v in _plain(cfg.data).items() if k not in _DATA_LOCATION and (transfer or not k.startswith("transfer_"))}
@@ -142,33 +146,34 @@ def stage_record(cfg: DictConfig, stage: str, *, teacher: dict[str, Any] | None)
     speed = _plain(cfg.get("speed")) or {}
     config: dict[str, Any] = {
         "seed": cfg.seed,
-        "module": cfg.get("module"),
         "data": data,
         "augment": _plain(cfg.get("augment")),
         "trainer": {k: v for k, v in _plain(cfg.trainer).items() if k not in _TRAINER_PRESENTATION},
         "callbacks": callbacks,
         "speed": {k: speed.get(k) for k in ("compile_student", "channels_last")},
     }
+    distill = _plain(cfg.distill)
     if stage == "teacher":
         unused = ("checkpoint", "extra", "weights") + (("epochs", "optimizer", "lr_scheduler") if teacher is not None else ())
         config["teacher"] = {k: v for k, v in _plain(cfg.teacher).items() if k not in unused}
     else:
         config["student"] = {k: v for k, v in _plain(cfg.student).items() if k != ("epochs" if transfer else "transfer_epochs")}
-        if stage == "student_scratch":
-            config["distill"] = {"hard_loss": cfg.distill.get("hard_loss")}
-        else:
-            config["distill"] = _plain(cfg.distill)
-            config["schedule"] = _plain(cfg.get("schedule"))
-            if cfg.distill.get("targets", "online") == "online":
-                extra = _plain(cfg.teacher.get("extra")) or []
-                config["teacher"] = {"model": _plain(cfg.teacher.model), "weights": _plain(cfg.teacher.get("weights")),
-                                     "extra_models": [None if isinstance(e, str) else e.get("model") for e in extra]}
-                config["speed"].update({k: speed.get(k) for k in ("teacher_dtype", "compile_teacher")})
+    if stage in ("teacher", "student_scratch"):  # no teacher to distil from: the module class and its hard loss
+        config["distill"] = {k: distill.get(k) for k in ("_target_", "hard_loss")}
+    else:
+        config["distill"] = distill
+        config["schedule"] = _plain(cfg.get("schedule"))
+        config["soft_targets"] = {"offline": cfg.soft_targets.offline}
+        if not cfg.soft_targets.offline:
+            extra = _plain(cfg.teacher.get("extra")) or []
+            config["teacher"] = {"model": _plain(cfg.teacher.model), "weights": _plain(cfg.teacher.get("weights")),
+                                 "extra_models": [None if isinstance(e, str) else e.get("model") for e in extra]}
+            config["speed"].update({k: speed.get(k) for k in ("teacher_dtype", "compile_teacher")})
     return json.loads(json.dumps({"stage": stage, "config": config, "teacher": teacher}, default=str))
 
 
 def record_hash(record: Any) -> str:
-    """SHA-256 of a record; ints hash as floats (``distill.temperature=4`` and ``4.0`` are one setting)."""
+    """SHA-256 of a record; ints hash as floats (``distill.soft_loss.temperature=4`` and ``4.0`` are one setting)."""
 
     def canonical(value: Any) -> Any:
         if isinstance(value, dict):
@@ -209,7 +214,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(dotted key, old, new)`` for every setting of two records that differs (``4 == 4.0``), keyed as on
-    the command line (``distill.temperature``; the teacher's identity as ``teacher.checkpoint_sha256``)."""
+    the command line (``distill.soft_loss.temperature``; the teacher's identity as ``teacher.checkpoint_sha256``)."""
     a, b = _flatten(old), _flatten(new)
     return [(k.removeprefix("config."), a.get(k, "<unset>"), b.get(k, "<unset>"))
             for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]

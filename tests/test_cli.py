@@ -25,8 +25,9 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_kd import cli
+from lightning_kd import cli, stages
 from lightning_kd.soft_targets.store import SoftTargetStore
+from lightning_kd.teachers import load_teacher
 
 ENTRY_KEYS = {"test_acc", "params", "weights_bytes", "checkpoint_bytes", "latency_ms"}
 TEACHER_PARAMS, STUDENT_PARAMS = 25_258, 15_210  # cnn1d; mlp 40 -> 100 -> 100 -> 10
@@ -47,6 +48,7 @@ def _one_thread_and_restored_globals():
 
 
 def make_cfg(run_dir: Path, *overrides: str) -> DictConfig:
+    """The smoke config (``experiment=smoke``; a later ``experiment=[smoke,...]`` adds a bundle to it)."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="lightning_kd.conf", version_base="1.3"):
@@ -75,13 +77,14 @@ def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.CompletedProcess:
+def run_command(args: list[str], cwd: Path, *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
     env = {
         **os.environ,
         "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()),  # set by conftest.py
         "OMP_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",
+        **(env or {}),
     }
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = communicate_or_kill(proc, timeout)
@@ -91,10 +94,10 @@ def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.Com
     return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
-def lightning_kd(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def lightning_kd(*args: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
     assert script is not None, "the `lightning-kd` console script is not installed next to this Python"
-    return run_command([script, *args], cwd, timeout=timeout)
+    return run_command([script, *args], cwd, timeout=timeout, env=env)
 
 
 class Crash(L.Callback):
@@ -123,7 +126,7 @@ def spy(monkeypatch):
 def install_spy(monkeypatch) -> dict:
     """Records the stages that build a module, the ``ckpt_path`` of every fit, and the step each fit starts at."""
     record = {"built": [], "ckpt_path": {}, "start_step": [], "extra_callbacks": []}
-    build_module, build_trainer, fit = cli.build_module, cli.build_trainer, L.Trainer.fit
+    build_module, build_trainer, fit = stages.build_module, stages.build_trainer, L.Trainer.fit
 
     def spy_build_module(cfg, stage, teacher_checkpoint, **kwargs):
         record["built"].append(stage)
@@ -138,8 +141,8 @@ def install_spy(monkeypatch) -> dict:
         record["ckpt_path"][Path(self.checkpoint_callback.dirpath).parent.name] = kwargs.get("ckpt_path")
         return fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "build_module", spy_build_module)
-    monkeypatch.setattr(cli, "build_trainer", spy_build_trainer)
+    monkeypatch.setattr(stages, "build_module", spy_build_module)
+    monkeypatch.setattr(stages, "build_trainer", spy_build_trainer)
     monkeypatch.setattr(L.Trainer, "fit", spy_fit)
     return record
 
@@ -164,7 +167,7 @@ def smoke_run_again(tmp_path_factory):
 def test_pipeline_report(smoke_run):
     _, run_dir, entries = smoke_run
     report = read_report(run_dir)
-    assert list(report["entries"]) == list(cli.MODEL_STAGES) == list(entries)
+    assert list(report["entries"]) == list(stages.MODEL_STAGES) == list(entries)
     for name, entry in report["entries"].items():
         assert ENTRY_KEYS <= set(entry), name
         assert 0.0 <= entry["test_acc"] <= 1.0
@@ -172,15 +175,15 @@ def test_pipeline_report(smoke_run):
         assert entry["weights_bytes"] == (run_dir / name / "model.pt").stat().st_size
         assert entry["checkpoint_bytes"] == (run_dir / name / "checkpoints" / "last.ckpt").stat().st_size
     assert report["entries"]["teacher"]["params"] == TEACHER_PARAMS
-    assert all(report["entries"][s]["params"] == STUDENT_PARAMS for s in cli.STUDENT_STAGES)
-    assert [report["entries"][s]["epochs"] for s in cli.MODEL_STAGES] == [2, 2, 2, 1]  # experiment=smoke
+    assert all(report["entries"][s]["params"] == STUDENT_PARAMS for s in stages.STUDENT_STAGES)
+    assert [report["entries"][s]["epochs"] for s in stages.MODEL_STAGES] == [2, 2, 2, 1]  # experiment=smoke
     assert report["meta"]["precision"] == "32-true" and report["meta"]["seed"] == 42
 
     md = (run_dir / "report.md").read_text()
     assert "| model |" in md and "|---|" in md
-    assert all(f"| {name} |" in md for name in cli.MODEL_STAGES)
+    assert all(f"| {name} |" in md for name in stages.MODEL_STAGES)
     assert (run_dir / "report.png").stat().st_size > 0
-    for stage in cli.MODEL_STAGES:
+    for stage in stages.MODEL_STAGES:
         assert (run_dir / stage / "metrics.csv").is_file()  # logger=csv: one directory per stage
         assert json.loads((run_dir / stage / "result.json").read_text())["entry"] == entries[stage]
 
@@ -188,7 +191,7 @@ def test_pipeline_report(smoke_run):
 @pytest.mark.slow
 def test_checkpoints_are_safe_and_hold_no_teacher(smoke_run):
     _, run_dir, _ = smoke_run
-    for stage in cli.MODEL_STAGES:
+    for stage in stages.MODEL_STAGES:
         checkpoint = torch.load(run_dir / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         keys = list(checkpoint["state_dict"])
         assert keys and all(k.startswith(("student.", "metrics.")) for k in keys), stage
@@ -202,7 +205,7 @@ def test_same_seed_same_results(smoke_run, smoke_run_again):
     _, run_dir, entries = smoke_run
     run_dir_2, entries_2 = smoke_run_again
     assert accuracies(entries_2) == accuracies(entries)
-    for stage in cli.MODEL_STAGES:
+    for stage in stages.MODEL_STAGES:
         a = torch.load(run_dir / stage / "model.pt", weights_only=True)
         b = torch.load(run_dir_2 / stage / "model.pt", weights_only=True)
         assert a.keys() == b.keys()
@@ -225,7 +228,7 @@ def test_rerun_reuses_finished_stages_and_resumes_the_unfinished_one(smoke_run, 
     assert spy["ckpt_path"] == {"student_distilled": str(last), "student_distilled_transfer": None}
     assert resumed["teacher"] == entries["teacher"] and resumed["student_scratch"] == entries["student_scratch"]
     assert accuracies(resumed) == accuracies(entries)
-    assert list(read_report(tmp_path)["entries"]) == list(cli.MODEL_STAGES)
+    assert list(read_report(tmp_path)["entries"]) == list(stages.MODEL_STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -293,31 +296,31 @@ def test_missing_teacher_checkpoint_file_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cached_run(tmp_path_factory):
+def offline_run(tmp_path_factory):
     """The smoke pipeline distilling from a float32 store (built after the teacher stage)."""
-    run_dir = tmp_path_factory.mktemp("cached")
-    return run_dir, cli.train(make_cfg(run_dir, "distill.targets=cached", "cache.dtype=float32"))
+    run_dir = tmp_path_factory.mktemp("offline")
+    return run_dir, cli.train(make_cfg(run_dir, "soft_targets.offline=true", "soft_targets.dtype=float32"))
 
 
 @pytest.mark.slow
-def test_pipeline_with_cached_targets_matches_online(cached_run, smoke_run):
-    run_dir, entries = cached_run
+def test_pipeline_with_stored_soft_targets_matches_online(offline_run, smoke_run):
+    run_dir, entries = offline_run
     _, _, online = smoke_run
     store = SoftTargetStore(run_dir / "soft_targets")
     assert store.parts == ["labeled", "unlabeled"] and store.dtype == "float32"
     assert store.manifest["teacher"]["checkpoint"] == str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
-    assert list(entries) == list(cli.MODEL_STAGES)  # the cache stage is no row of the report
+    assert list(entries) == list(stages.MODEL_STAGES)  # the soft_targets stage is no row of the report
     assert entries["teacher"] == {**online["teacher"], "latency_ms": entries["teacher"]["latency_ms"]}
-    for stage in cli.DISTILLED_STAGES:  # same seed, same teacher outputs, same loss: the same student
+    for stage in stages.DISTILLED_STAGES:  # same seed, same teacher outputs, same loss: the same student
         assert entries[stage]["test_acc"] == online[stage]["test_acc"]
         assert entries[stage]["agreement_with_teacher"] is None  # no teacher in memory, none to agree with
 
 
 @pytest.mark.slow
-def test_cache_then_distill_from_the_store_alone(cached_run, smoke_run, tmp_path):
-    run_dir, entries = cached_run
+def test_soft_targets_then_distill_from_the_store_alone(offline_run, smoke_run, tmp_path):
+    run_dir, entries = offline_run
     store = run_dir / "soft_targets"
-    result = cli.train(make_cfg(tmp_path, "task=distill", "distill.targets=cached", f"cache.path={store}"))
+    result = cli.train(make_cfg(tmp_path, "task=distill", "soft_targets.offline=true", f"soft_targets.path={store}"))
     assert list(result) == ["student_distilled"]  # no teacher.checkpoint: no teacher row
     assert result["student_distilled"]["test_acc"] == entries["student_distilled"]["test_acc"]
     # with a teacher checkpoint it is checked against the store: another teacher is refused
@@ -325,36 +328,37 @@ def test_cache_then_distill_from_the_store_alone(cached_run, smoke_run, tmp_path
     other = tmp_path / "other.pt"
     torch.save({k: v + 1 for k, v in torch.load(online_dir / "teacher" / "model.pt").items()}, other)
     with pytest.raises(RuntimeError, match="was made by another teacher"):
-        cli.train(make_cfg(tmp_path / "x", "task=distill", "distill.targets=cached", f"cache.path={store}", f"teacher.checkpoint={other}"))
+        cli.train(make_cfg(tmp_path / "x", "task=distill", "soft_targets.offline=true", f"soft_targets.path={store}",
+                           f"teacher.checkpoint={other}"))
 
 
 @pytest.mark.slow
 def test_pipeline_with_replayed_augmented_views(tmp_path):
-    """`augment=shift_noise cache.epochs=2`: the store records 2 views per sample and the distilled stages replay them."""
-    entries = cli.train(make_cfg(tmp_path, "distill.targets=cached", "augment=shift_noise", "cache.epochs=2"))
+    """`augment=shift_noise soft_targets.epochs=2`: the store records 2 views per sample and the distilled stages replay them."""
+    entries = cli.train(make_cfg(tmp_path, "soft_targets.offline=true", "augment=shift_noise", "soft_targets.epochs=2"))
     store = SoftTargetStore(tmp_path / "soft_targets")
     assert store.epochs == 2 and store.manifest["augmentation"].startswith("Compose([RandomShift(max_shift=3")
     params = store.augmentation_params("labeled", torch.arange(3500), 0)
     assert params.shape == (3500, 2) and not torch.equal(params, store.augmentation_params("labeled", torch.arange(3500), 1))
-    assert list(entries) == list(cli.MODEL_STAGES)
+    assert list(entries) == list(stages.MODEL_STAGES)
     assert all(0.0 <= e["test_acc"] <= 1.0 for e in entries.values())
 
 
-def test_the_store_is_opened_once_for_all_distilled_stages(cached_run, tmp_path, monkeypatch):
+def test_the_store_is_opened_once_for_all_distilled_stages(offline_run, tmp_path, monkeypatch):
     """Opening hashes every file and fingerprints the teacher: once per run, not once per stage."""
-    run_dir, entries = cached_run
+    run_dir, entries = offline_run
     opened = []
-    monkeypatch.setattr(cli, "_open_store", lambda *args, _open=cli._open_store: opened.append(args) or _open(*args))
-    result = cli.train(make_cfg(tmp_path, "task=distill", "distill.targets=cached", f"cache.path={run_dir / 'soft_targets'}",
+    monkeypatch.setattr(stages, "open_store", lambda *args, _open=stages.open_store: opened.append(args) or _open(*args))
+    result = cli.train(make_cfg(tmp_path, "task=distill", "soft_targets.offline=true", f"soft_targets.path={run_dir / 'soft_targets'}",
                                 "task.stages=[student_distilled,student_distilled_transfer]"))
     assert len(opened) == 1
-    assert accuracies(result) == {s: entries[s]["test_acc"] for s in cli.DISTILLED_STAGES}
+    assert accuracies(result) == {s: entries[s]["test_acc"] for s in stages.DISTILLED_STAGES}
 
 
-def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
+def test_an_interrupted_store_build_is_rebuilt(smoke_run, tmp_path):
     _, run_dir, _ = smoke_run
     teacher = str(run_dir / "teacher" / "checkpoints" / "last.ckpt")
-    cfg = make_cfg(tmp_path, "task=cache", f"teacher.checkpoint={teacher}", "data.transfer_samples=0")
+    cfg = make_cfg(tmp_path, "task=soft_targets", f"teacher.checkpoint={teacher}", "data.transfer_samples=0")
     (tmp_path / "soft_targets" / "train").mkdir(parents=True)
     unfinished = {"kind": "lightning-kd soft-target store", "format": 2, "complete": False, "parts": {"train": {}}}
     (tmp_path / "soft_targets" / "manifest.json").write_text(json.dumps(unfinished))  # ours, interrupted
@@ -366,45 +370,46 @@ def test_an_interrupted_cache_build_is_rebuilt(smoke_run, tmp_path):
     assert (tmp_path / "soft_targets" / "manifest.json").stat().st_mtime_ns == mtime
 
 
-def test_a_pipeline_that_crashed_while_caching_rebuilds_the_store(cached_run, tmp_path, spy):
-    """A re-run in the same directory after a crash in the cache stage: finished stages reused, the store rebuilt."""
-    run_dir, entries = cached_run
+def test_a_pipeline_that_crashed_while_building_the_store_rebuilds_it(offline_run, tmp_path, spy):
+    """A re-run in the same directory after a crash in the soft_targets stage: finished stages reused, the store rebuilt."""
+    run_dir, entries = offline_run
     shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
-    for stage in cli.DISTILLED_STAGES:
+    for stage in stages.DISTILLED_STAGES:
         shutil.rmtree(tmp_path / stage)
     manifest = tmp_path / "soft_targets" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"complete": true', '"complete": false'))
     (tmp_path / "report.json").unlink()
-    resumed = cli.train(make_cfg(tmp_path, "distill.targets=cached", "cache.dtype=float32"))
-    assert spy["built"] == ["student_distilled", "student_distilled", "student_distilled_transfer"]  # the cache stage builds one too
+    resumed = cli.train(make_cfg(tmp_path, "soft_targets.offline=true", "soft_targets.dtype=float32"))
+    assert spy["built"] == ["student_distilled", "student_distilled", "student_distilled_transfer"]  # the soft_targets stage builds one too
     assert SoftTargetStore(tmp_path / "soft_targets").manifest["complete"]
     assert accuracies(resumed) == accuracies(entries)
 
 
-def test_unknown_targets_setting_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown `distill.targets` 'disk'. Expected one of: online, cached"):
-        cli.train(make_cfg(tmp_path, "distill.targets=disk"))
+def test_soft_targets_offline_must_be_true_or_false(tmp_path):
+    with pytest.raises(ValueError, match=r"Expected `soft_targets.offline` to be true or false, but got 'disk'"):
+        cli.train(make_cfg(tmp_path, "soft_targets.offline=disk"))
+    assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
 @pytest.mark.slow
-def test_console_script_ddp_cpu_cache_build_and_read(smoke_run, tmp_path):
+def test_console_script_ddp_cpu_soft_targets_build_and_read(smoke_run, tmp_path):
     """Build the store on 2 gloo processes (each rank writes its own rows), then distil from it under DDP."""
     _, run_dir, online = smoke_run
     teacher = run_dir / "teacher" / "checkpoints" / "last.ckpt"
     store_dir = tmp_path / "store"
-    lightning_kd("task=cache", "trainer=ddp_cpu", "cache.dtype=float32", f"teacher.checkpoint={teacher}", f"cache.path={store_dir}",
-                 *SMOKE, f"hydra.run.dir={tmp_path / 'cache_run'}", cwd=tmp_path, timeout=120)
+    lightning_kd("task=soft_targets", "trainer=ddp_cpu", "soft_targets.dtype=float32", f"teacher.checkpoint={teacher}",
+                 f"soft_targets.path={store_dir}", *SMOKE, f"hydra.run.dir={tmp_path / 'store_run'}", cwd=tmp_path, timeout=120)
     ddp = SoftTargetStore(store_dir)
     assert ddp.manifest["world_size"] == 2 and ddp.parts == ["labeled", "unlabeled"]
     for part in ddp.parts:  # complete, no duplicates (the manifest is only sealed then), and the right rows
         assert np.all(np.load(store_dir / part / "writes.npy") == 1)
-    cfg = make_cfg(tmp_path / "single", "task=cache", "cache.dtype=float32", f"teacher.checkpoint={teacher}")
-    single = cli.build_cache(cfg, tmp_path / "single", str(teacher))
+    cfg = make_cfg(tmp_path / "single", "task=soft_targets", "soft_targets.dtype=float32", f"teacher.checkpoint={teacher}")
+    single = stages.build_store(cfg, tmp_path / "single", str(teacher))
     for part in ddp.parts:
         n = ddp.manifest["parts"][part]["identity"]["length"]
         torch.testing.assert_close(ddp.lookup(part, torch.arange(n)), single.lookup(part, torch.arange(n)), rtol=1e-5, atol=1e-5)
 
-    lightning_kd("task=distill", "trainer=ddp_cpu", "distill.targets=cached", f"cache.path={store_dir}", f"teacher.checkpoint={teacher}",
+    lightning_kd("task=distill", "trainer=ddp_cpu", "soft_targets.offline=true", f"soft_targets.path={store_dir}", f"teacher.checkpoint={teacher}",
                  "task.stages=[teacher,student_distilled_transfer]", *SMOKE, f"hydra.run.dir={tmp_path / 'read'}", cwd=tmp_path, timeout=120)
     report = read_report(tmp_path / "read")
     assert list(report["entries"]) == ["teacher", "student_distilled_transfer"]
@@ -420,9 +425,9 @@ def test_console_script_ddp_cpu(tmp_path):
     run_dir = tmp_path / "run"
     lightning_kd("trainer=ddp_cpu", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
     report = read_report(run_dir)
-    assert list(report["entries"]) == list(cli.MODEL_STAGES)
+    assert list(report["entries"]) == list(stages.MODEL_STAGES)
     assert all(ENTRY_KEYS <= set(entry) for entry in report["entries"].values())
-    assert [report["entries"][s]["params"] for s in cli.MODEL_STAGES] == [TEACHER_PARAMS] + [STUDENT_PARAMS] * 3
+    assert [report["entries"][s]["params"] for s in stages.MODEL_STAGES] == [TEACHER_PARAMS] + [STUDENT_PARAMS] * 3
 
 
 @pytest.mark.slow
@@ -439,7 +444,7 @@ def test_console_script_bf16_mixed(tmp_path):
     lightning_kd("precision=bf16-mixed", *SMOKE, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     report = read_report(run_dir)
     assert report["meta"]["precision"] == "bf16-mixed"
-    assert list(report["entries"]) == list(cli.MODEL_STAGES)
+    assert list(report["entries"]) == list(stages.MODEL_STAGES)
     assert all(0.0 <= entry["test_acc"] <= 1.0 for entry in report["entries"].values())
 
 
@@ -535,14 +540,15 @@ def test_user_project_trains_with_our_configs(user_project, tmp_path):
 def test_console_script_with_a_user_config_dir(user_project):
     """`lightning-kd --config-dir DIR --config-name NAME` runs a user's primary config too (here: print it)."""
     out = lightning_kd("--config-dir", str(user_project / "conf"), "--config-name", "my_config", "--cfg", "job", cwd=user_project).stdout
-    _check_user_config(OmegaConf.create(out[out.index("module:") :]))
+    _check_user_config(OmegaConf.create(out[out.index("seed:") :]))
 
 
 # ---------------------------------------------------------------------- every method through the CLI
 
 DISTILL_OPTIONS = sorted(f.name[: -len(".yaml")] for f in (importlib.resources.files("lightning_kd.conf") / "distill").iterdir()
                          if f.name.endswith(".yaml"))
-NEEDS = {"at": ["student=cnn1d_small"], "kd_at": ["student=cnn1d_small"], "ctkd": ["schedule=ctkd"]}
+# A method with an experiment of its name (a bundle: DKD's and CTKD's schedules, AT's convolutional student) runs in it.
+BUNDLES = {f.name[: -len(".yaml")] for f in (importlib.resources.files("lightning_kd.conf") / "experiment").iterdir()} - {"smoke.yaml"}
 # what each method adds to the logged training metrics, besides the soft and hard losses
 LOGGED = {"ctkd": ["train/temperature"], "fitnet": ["train/feature_fitnet"], "at": ["train/feature_at"],
           "kd_at": ["train/feature_at"], "rkd": ["train/feature_rkd"]}
@@ -560,7 +566,9 @@ def step_metrics(stage_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.parametrize("option", DISTILL_OPTIONS)
 def test_every_distill_config_runs_a_few_steps_through_the_cli(smoke_run, tmp_path, option):
     teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
-    cfg = make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}", f"distill={option}", *FEW_STEPS, *NEEDS.get(option, []))
+    method = f"experiment=[smoke,{option}]" if option in BUNDLES else f"distill={option}"
+    cfg = make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}", method, *FEW_STEPS)
+    assert cfg.hydra.runtime.choices.distill == option
     entries = cli.train(cfg)
     entry = entries["student_distilled"]
     stage = tmp_path / "student_distilled"
@@ -576,7 +584,7 @@ def test_every_distill_config_runs_a_few_steps_through_the_cli(smoke_run, tmp_pa
     state = torch.load(stage / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any(k.startswith("teacher.") for k in state)
     assert any(k.startswith("feature_distillation.adapters.") for k in state) == (option == "fitnet")
-    assert any(k.startswith("temperature_model.") for k in state) == (option == "ctkd")
+    assert any(k.startswith("soft_loss.temperature.") for k in state) == (option == "ctkd")  # the learned temperature
 
 
 def hydra_model(model_cfg):
@@ -585,9 +593,14 @@ def hydra_model(model_cfg):
     return hydra.utils.instantiate(model_cfg, _convert_="all")
 
 
-def test_ctkd_without_its_schedule_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="use `schedule=ctkd`"):
-        cli.train(make_cfg(tmp_path, "task=distill", "teacher.checkpoint=x.ckpt", "distill=ctkd"))
+def test_a_schedule_that_sets_a_learned_temperature_is_refused_by_the_module(tmp_path):
+    """No cross-check in the CLI: the loss itself refuses to have a learned temperature set (`experiment=ctkd` is the bundle)."""
+    teacher = tmp_path / "teacher.pt"
+    torch.save(hydra_model(make_cfg(tmp_path).teacher.model).state_dict(), teacher)
+    cfg = make_cfg(tmp_path / "run", "task=distill", f"teacher.checkpoint={teacher}", "distill=ctkd", "schedule=anneal_temperature", *FEW_STEPS)
+    with pytest.raises(RuntimeError, match=r"The temperature is learned \(a LearnableTemperature\), so it cannot be set or annealed"):
+        cli.train(cfg)
+    assert not (tmp_path / "run" / "student_distilled" / "result.json").exists()
 
 
 @pytest.mark.slow
@@ -595,11 +608,11 @@ def test_two_teachers_through_the_cli(smoke_run, tmp_path):
     teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
     cfg = make_cfg(tmp_path, "task=distill", f"teacher.checkpoint={teacher}", f"teacher.extra=[{teacher}]", "teacher.weights=[3,1]",
                    *FEW_STEPS)
-    module = cli.build_module(cfg, "student_distilled", str(teacher))
+    module = stages.build_module(cfg, "student_distilled", str(teacher))
     assert list(module.teacher) == ["0", "1"] and module.teacher.weights == {"0": 0.75, "1": 0.25}
     x = torch.randn(3, 40)
-    single = cli.build_teacher(make_cfg(tmp_path, f"teacher.checkpoint={teacher}"), str(teacher))
-    torch.testing.assert_close(module.teacher_forward(x), single.eval()(x))  # the same teacher twice = that teacher
+    single = load_teacher(hydra_model(cfg.teacher.model), teacher)
+    torch.testing.assert_close(module.teacher_forward(x), single(x))  # the same teacher twice = that teacher
     entries = cli.train(cfg)
     assert entries["student_distilled"]["params"] == STUDENT_PARAMS
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from test_cli import SMOKE, run_command
 
-from lightning_kd import cli
+from lightning_kd import stages
 from lightning_kd.data import MNIST1DDataModule
 from lightning_kd.data.samplers import EpochShuffleSampler
 from lightning_kd.models import get_model
@@ -276,7 +276,7 @@ def test_the_cached_npz_gets_the_umask_mode(tmp_path):
 
 
 def student_init(overrides: list[str]) -> dict[str, torch.Tensor]:
-    """The student's initial weights, built as the CLI builds them (seed, then the student first)."""
+    """The student's initial weights, built as the stage plan builds them (seed, then the student first)."""
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="lightning_kd.conf", version_base="1.3"):
@@ -284,7 +284,7 @@ def student_init(overrides: list[str]) -> dict[str, torch.Tensor]:
     finally:
         GlobalHydra.instance().clear()
     L.seed_everything(cfg.seed, verbose=False, workers=True)
-    return {k: v.clone() for k, v in cli.build_module(cfg, "student_scratch", None).student.state_dict().items()}
+    return {k: v.clone() for k, v in stages.build_module(cfg, "student_scratch", None).student.state_dict().items()}
 
 
 STAGES = ("student_scratch", "student_distilled", "student_distilled_transfer")

@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from test_cli import SMOKE, _one_thread_and_restored_globals, communicate_or_kill, make_cfg, read_report  # noqa: F401 (an autouse fixture)
 
-from lightning_kd import cli, report, runs
+from lightning_kd import cli, report, runs, stages
 from lightning_kd.checkpoint import CheckpointError
 
 SCRATCH = ("task=scratch", *SMOKE, "student.epochs=3")  # 3 epochs: a stop after the first one leaves two to resume
@@ -235,7 +236,7 @@ def test_checkpoints_are_written_atomically(tmp_path):
         io.save_checkpoint({"global_step": 2, "unpicklable": lambda: None}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    trainer = cli.build_trainer(make_cfg(tmp_path), "student_scratch", tmp_path / "student_scratch", max_epochs=1)
+    trainer = stages.build_trainer(make_cfg(tmp_path), "student_scratch", tmp_path / "student_scratch", max_epochs=1)
     assert isinstance(trainer.strategy.checkpoint_io, runs.AtomicCheckpointIO)
     assert trainer.default_root_dir == str(tmp_path / "student_scratch")  # where Lightning's hpc_ckpt_N.ckpt go
 
@@ -260,17 +261,17 @@ def test_a_moved_run_directory_resumes_and_its_paths_resolve(distill_run, tmp_pa
 
 def test_a_given_teacher_outside_the_run_directory_stays_absolute_and_another_is_refused(tmp_path):
     teacher = tmp_path / "teacher.pt"
-    torch.save(cli.hydra.utils.instantiate(make_cfg(tmp_path).teacher.model).state_dict(), teacher)
+    torch.save(hydra.utils.instantiate(make_cfg(tmp_path).teacher.model).state_dict(), teacher)
     run_dir = tmp_path / "run"
-    stages = ("task=distill", "task.stages=[teacher]")  # the given teacher is only evaluated: seconds
-    entries = cli.train(make_cfg(run_dir, *stages, f"teacher.checkpoint={teacher}"))
+    evaluated = ("task=distill", "task.stages=[teacher]")  # the given teacher is only evaluated: seconds
+    entries = cli.train(make_cfg(run_dir, *evaluated, f"teacher.checkpoint={teacher}"))
     assert entries["teacher"]["checkpoint"] == str(teacher.resolve())
     assert read_report(run_dir)["meta"]["teacher_checkpoint"] == str(teacher.resolve())
 
     other = tmp_path / "other.pt"
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(teacher).items()}, other)
     with pytest.raises(runs.StageConfigError, match=r"Stage `teacher` .* was finished under other settings: teacher\.checkpoint_sha256"):
-        cli.train(make_cfg(run_dir, *stages, f"teacher.checkpoint={other}"))
+        cli.train(make_cfg(run_dir, *evaluated, f"teacher.checkpoint={other}"))
 
 
 @pytest.mark.slow
@@ -280,25 +281,26 @@ def test_a_rerun_under_other_settings_is_refused(distill_run, tmp_path):
     shutil.copytree(distill_run, run_dir)
     before = (run_dir / "report.json").read_text()
 
-    out = kd(*DISTILL, "distill.temperature=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    out = kd(*DISTILL, "distill.soft_loss.temperature=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
 
     assert "Stage `student_distilled`" in out and "was finished under other settings" in out
-    assert "distill.temperature: 4.0 → 1" in out and "schedule.temperature: 4.0 → 1" in out
+    assert "distill.soft_loss.temperature: 4.0 → 1" in out
     assert "hydra.run.dir=" in out and "delete" in out
     assert (run_dir / "report.json").read_text() == before
 
     (run_dir / "student_distilled" / runs.RESULT).unlink()  # interrupted: a checkpoint and the settings it started with
-    out = kd(*DISTILL, "distill.temperature=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
-    assert "was started (it has a checkpoint) under other settings: distill.temperature: 4.0 → 1" in out
+    out = kd(*DISTILL, "distill.soft_loss.temperature=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, ok=False)
+    assert "was started (it has a checkpoint) under other settings: distill.soft_loss.temperature: 4.0 → 1" in out
 
 
 def test_stage_settings_leave_out_where_things_are_written(tmp_path):
     a = runs.stage_record(make_cfg(tmp_path / "a"), "student_distilled", teacher=None)
-    b = runs.stage_record(make_cfg(tmp_path / "b", "logger=none", "report.latency_batches=7", "data.num_workers=1"),
-                          "student_distilled", teacher=None)
+    b = runs.stage_record(make_cfg(tmp_path / "b", "logger=none", "report.latency_batches=7", "data.num_workers=1",
+                                   f"soft_targets.path={tmp_path / 'store'}"), "student_distilled", teacher=None)
     assert a == b
-    c = runs.stage_record(make_cfg(tmp_path / "a", "distill.temperature=2", "student.transfer_epochs=5"), "student_distilled", teacher=None)
-    assert [k for k, _, _ in runs.differences(a, c)] == ["distill.temperature", "schedule.temperature"]
+    c = runs.stage_record(make_cfg(tmp_path / "a", "distill.soft_loss.temperature=2", "student.transfer_epochs=5"), "student_distilled",
+                          teacher=None)
+    assert [k for k, _, _ in runs.differences(a, c)] == ["distill.soft_loss.temperature"]
     assert runs.record_hash(make_record(4)) == runs.record_hash(make_record(4.0))  # `temperature=4` is `4.0`
 
 
@@ -342,7 +344,7 @@ SLURM = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "123", "SL
 def test_on_slurm_lightning_requeues_and_our_sigterm_handler_only_chains(tmp_path, monkeypatch):
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
-    trainer = cli.build_trainer(make_cfg(tmp_path), "student_scratch", tmp_path / "student_scratch", max_epochs=1)
+    trainer = stages.build_trainer(make_cfg(tmp_path), "student_scratch", tmp_path / "student_scratch", max_epochs=1)
     environment = trainer._accelerator_connector.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
 
@@ -392,15 +394,15 @@ def test_summaries_never_average_over_different_settings(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("teacher", ["missing", "given"])
-def test_a_cache_path_holding_user_files_is_never_deleted(scratch_run, tmp_path, teacher):
-    """`task=cache cache.path=DIR` where DIR holds the user's files and a manifest.json of theirs (the issue's rmtree)."""
+def test_a_soft_targets_path_holding_user_files_is_never_deleted(scratch_run, tmp_path, teacher):
+    """`task=soft_targets soft_targets.path=DIR` where DIR holds the user's files and a manifest.json of theirs (the issue's rmtree)."""
     folder = tmp_path / "my_folder"
     folder.mkdir()
     files = {"manifest.json": json.dumps({"project": "mine", "complete": False}), "notes.txt": "keep me", "data.csv": "1,2\n"}
     for name, text in files.items():
         (folder / name).write_text(text)
     checkpoint = scratch_run / "student_scratch" / "checkpoints" / "last.ckpt" if teacher == "given" else tmp_path / "nowhere.ckpt"
-    cfg = make_cfg(tmp_path / "run", "task=cache", f"teacher.checkpoint={checkpoint}", f"cache.path={folder}",
+    cfg = make_cfg(tmp_path / "run", "task=soft_targets", f"teacher.checkpoint={checkpoint}", f"soft_targets.path={folder}",
                    "teacher.model.name=mlp", "data.transfer_samples=0")
     expected = (FileNotFoundError, r"nowhere\.ckpt") if teacher == "missing" else (FileExistsError, r"Nothing was deleted")
     with pytest.raises(expected[0], match=expected[1]):
@@ -409,13 +411,13 @@ def test_a_cache_path_holding_user_files_is_never_deleted(scratch_run, tmp_path,
     assert all((folder / name).read_text() == text for name, text in files.items())
 
 
-@pytest.mark.parametrize("override", ["cache.dtype=bfloat16", "cache.top_k=3"])
-def test_an_existing_store_built_with_other_cache_settings_is_refused(scratch_run, tmp_path, override):
-    """Reusing a finished store must not silently ignore `cache.*` settings that would build another one."""
+@pytest.mark.parametrize("override", ["soft_targets.dtype=bfloat16", "soft_targets.top_k=3"])
+def test_an_existing_store_built_with_other_soft_targets_settings_is_refused(scratch_run, tmp_path, override):
+    """Reusing a finished store must not silently ignore `soft_targets.*` settings that would build another one."""
     teacher = scratch_run / "student_scratch" / "checkpoints" / "last.ckpt"
-    common = ("task=cache", f"teacher.checkpoint={teacher}", "teacher.model.name=mlp", "data.transfer_samples=0",
-              f"cache.path={tmp_path / 'store'}")
-    cli.train(make_cfg(tmp_path / "build", *common, "cache.dtype=float32"))
+    common = ("task=soft_targets", f"teacher.checkpoint={teacher}", "teacher.model.name=mlp", "data.transfer_samples=0",
+              f"soft_targets.path={tmp_path / 'store'}")
+    cli.train(make_cfg(tmp_path / "build", *common, "soft_targets.dtype=float32"))
     key, value = override.split("=")
-    with pytest.raises(ValueError, match=rf"`{key}`: stored .*, configured '?{value}'?.*another `cache.path`"):
+    with pytest.raises(ValueError, match=rf"`{key}`: stored .*, configured '?{value}'?.*another `soft_targets.path`"):
         cli.train(make_cfg(tmp_path / "reuse", *common, override))

@@ -1,0 +1,390 @@
+"""The stage plan of a ``lightning-kd`` run: which stages run, in which order, and what each one is given.
+
+``teacher -> student_scratch -> student_distilled -> student_distilled_transfer``, with a
+``soft_targets`` stage before the first distilled one when they read the teacher's outputs from a
+store (``soft_targets.offline``). Each stage lives in ``<run_dir>/<stage>/``; a finished one is reused,
+an interrupted one resumes (:mod:`lightning_kd.runs` keeps the books).
+
+Hydra instantiates what the config describes; a stage only adds what it alone knows. The ``distill``
+group is the module as a partial, called with the stage's teacher(s) and their checkpoints, its
+student, its recipe's optimizer and learning-rate schedule, the augmentation, ``speed`` and the opened
+store. The teacher and scratch stages call the same class without a teacher (``factory.func(None,
+model, hard_loss=...)``), so a user's subclass (``distill._target_=...``) trains every stage.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lightning_kd import report, runs
+from lightning_kd.checkpoint import fingerprint
+from lightning_kd.io import atomic_write
+from lightning_kd.module import DistillationModule
+from lightning_kd.soft_targets.batches import SoftTargetDataModule
+from lightning_kd.soft_targets.build import build_soft_targets
+from lightning_kd.soft_targets.store import SoftTargetStore, prepare_store_path
+from lightning_kd.teachers import load_teacher
+
+log = logging.getLogger("lightning_kd")
+
+STUDENT_STAGES = ("student_scratch", "student_distilled", "student_distilled_transfer")
+DISTILLED_STAGES = ("student_distilled", "student_distilled_transfer")
+MODEL_STAGES = ("teacher", *STUDENT_STAGES)  # the report's rows
+STAGES = ("teacher", "soft_targets", *STUDENT_STAGES)
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def plan(cfg: DictConfig) -> list[str]:
+    """The task's stages, checked; with ``soft_targets.offline``, a ``soft_targets`` stage before the first
+    distilled one unless ``soft_targets.path`` already holds a finished store.
+
+    Raises:
+        ValueError: for an unknown stage, a non-boolean ``soft_targets.offline``, or a task that distils from
+            a saved teacher without ``teacher.checkpoint`` (nor a finished store to distil from).
+    """
+    stages = list(cfg.task.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"Unknown stage(s) {unknown} in `task.stages`. Expected any of: {', '.join(STAGES)}.")
+    offline = cfg.soft_targets.offline
+    if not isinstance(offline, bool):
+        raise ValueError(f"Expected `soft_targets.offline` to be true or false, but got {offline!r}.")
+    distilled = [s for s in stages if s in DISTILLED_STAGES]
+    offline = offline and bool(distilled)
+    store_exists = offline and SoftTargetStore.is_complete(cfg.soft_targets.path)
+    if offline and "soft_targets" not in stages and not store_exists:
+        stages.insert(stages.index(distilled[0]), "soft_targets")  # build the store the distilled stages read
+    has_checkpoint = bool(cfg.teacher.get("checkpoint"))
+    requires_checkpoint = bool(cfg.task.get("requires_teacher_checkpoint"))
+    if "teacher" in stages and not has_checkpoint and not requires_checkpoint:
+        return stages  # the teacher is trained here first
+    needs_teacher = "soft_targets" in stages or ((bool(distilled) or requires_checkpoint) and not store_exists)
+    if needs_teacher and not has_checkpoint:
+        raise ValueError(
+            f"`task={cfg.task.name}` needs a saved teacher: set `teacher.checkpoint=PATH` (e.g. the "
+            "`teacher/checkpoints/last.ckpt` of a `lightning-kd task=teacher` run), distil from an existing store "
+            "(`soft_targets.offline=true soft_targets.path=DIR`), or use `task=pipeline`."
+        )
+    if not has_checkpoint and "teacher" in stages:
+        log.warning("No `teacher.checkpoint`: distilling from the store at %s alone; the report has no teacher row.",
+                    cfg.soft_targets.path)
+        stages.remove("teacher")
+    return stages
+
+
+def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Run the planned stages in ``cfg.run_dir`` and return their report entries (the ``soft_targets`` stage has none)."""
+    stages = plan(cfg)
+    runs.check_lengths(cfg, stages)
+    run_dir = Path(cfg.run_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    teacher_checkpoint = cfg.teacher.get("checkpoint")
+    # Refuse a stage trained under other settings before anything trains (not after the stages before it).
+    finished_teacher = None if teacher_checkpoint else runs.read_result(run_dir, "teacher")
+    known_teacher = finished_teacher["checkpoint"] if finished_teacher else teacher_checkpoint
+    for stage in stages:
+        if stage != "soft_targets":
+            runs.check_stage(run_dir / stage, runs.record(cfg, stage, known_teacher))
+    store: SoftTargetStore | None = None  # opened (hashed, checked against the teacher) once for all stages
+    for stage in stages:
+        if stage == "soft_targets":
+            store = build_store(cfg, run_dir, teacher_checkpoint)
+            continue
+        if store is None and _reads_store(cfg, stage) and not (run_dir / stage / runs.RESULT).is_file():
+            store = open_store(cfg, teacher_checkpoint)  # builds a teacher to check it: before the stage seeds
+        entry, checkpoint = run_stage(cfg, stage, run_dir, teacher_checkpoint, store=store)
+        if stage == "teacher":
+            teacher_checkpoint = checkpoint
+        entries[stage] = entry
+    return entries
+
+
+def _reads_store(cfg: DictConfig, stage: str) -> bool:
+    return stage in DISTILLED_STAGES and cfg.soft_targets.offline
+
+
+# ------------------------------------------------------------------------------ the soft-target store
+
+
+def build_store(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) -> SoftTargetStore:
+    """The ``soft_targets`` stage: write the teacher's outputs on the training data (transfer set included)
+    to ``soft_targets.path``.
+
+    A finished store there is reused; an interrupted store of ours is removed file by file and rebuilt;
+    anything else at ``soft_targets.path`` is refused and left untouched.
+    """
+    path = Path(cfg.soft_targets.path)
+    if SoftTargetStore.is_complete(path):
+        log.info("Soft-target store %s already built: reusing it.", path)
+        return open_store(cfg, teacher_checkpoint)
+    # Every input is validated before anything at `soft_targets.path` is touched.
+    if teacher_checkpoint is None:
+        raise ValueError("The soft_targets stage needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    if not Path(teacher_checkpoint).expanduser().is_file():
+        raise FileNotFoundError(
+            f"Teacher checkpoint not found: {str(teacher_checkpoint)!r} (`teacher.checkpoint`). Nothing was built or removed."
+        )
+    # Only an interrupted store of our own format, holding only our files, is removed (file by file).
+    prepare_store_path(path, remove_incomplete=rank_zero_only.rank == 0)
+    L.seed_everything(cfg.seed, workers=True)
+    module = build_module(cfg, "student_distilled", teacher_checkpoint, offline=False)  # its hooks, dtype, augmentation
+    trainer = build_trainer(cfg, "soft_targets", run_dir / "soft_targets", max_epochs=0)
+    started = time.perf_counter()
+    settings = cfg.soft_targets
+    store = build_soft_targets(module, hydra.utils.instantiate(cfg.data), path, dtype=settings.dtype, top_k=settings.top_k,
+                               epochs=int(settings.epochs), batch_size=settings.batch_size, trainer=trainer,
+                               teacher_checkpoint=str(teacher_checkpoint))
+    log.info("Soft-target store %s built in %.1f s: %s", path, time.perf_counter() - started, store)
+    return store
+
+
+def open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:
+    """Open ``soft_targets.path``, and check it against the teacher when there is a checkpoint."""
+    settings = cfg.soft_targets
+    store = SoftTargetStore(settings.path, verify=bool(settings.verify))
+    # A store is built once; settings that would build another one are refused, not silently ignored.
+    differ = {key: (getattr(store, key), settings[key]) for key in ("dtype", "top_k", "epochs") if getattr(store, key) != settings[key]}
+    if differ:
+        listed = ", ".join(f"`soft_targets.{key}`: stored {old!r}, configured {new!r}" for key, (old, new) in differ.items())
+        raise ValueError(
+            f"The soft-target store at {settings.path} was built with other settings than this run's ({listed}). "
+            "Set them as stored to use it, or choose another `soft_targets.path` to build a new store."
+        )
+    if teacher_checkpoint is not None:
+        # Loaded only to fingerprint it, then dropped: training from the store keeps no teacher in memory.
+        given = teachers(cfg, teacher_checkpoint)
+        teacher = load_teacher(given["teacher"], given["teacher_checkpoint"], weights=given["teacher_weights"],
+                               dtype=hydra.utils.instantiate(cfg.speed, _convert_="all").teacher_dtype)
+        store.check_teacher(fingerprint(teacher))
+        del teacher
+    return store
+
+
+# ------------------------------------------------------------------------------ what a stage is given
+
+
+def teachers(cfg: DictConfig, checkpoint: str | Path) -> dict[str, Any]:
+    """The module's teacher arguments: ``teacher.model`` (and one model per ``teacher.extra`` entry), their
+    checkpoint path(s) and ``teacher.weights``. Several teachers are lists, which the module (through
+    :func:`~lightning_kd.teachers.load_teacher`) turns into one ensemble.
+
+    Raises:
+        ValueError: for an ``extra`` entry that is neither a path nor ``{model, checkpoint}``, or
+            ``teacher.weights`` that do not give one weight per teacher.
+    """
+    models, paths = [hydra.utils.instantiate(cfg.teacher.model, _convert_="all")], [str(checkpoint)]
+    extra = cfg.teacher.get("extra") or []
+    for i, entry in enumerate(extra):
+        if isinstance(entry, str):
+            model_cfg, path = cfg.teacher.model, entry
+        elif isinstance(entry, DictConfig) and entry.get("checkpoint"):
+            model_cfg, path = entry.get("model") or cfg.teacher.model, entry.checkpoint
+        else:
+            raise ValueError(f"Expected `teacher.extra[{i}]` to be a checkpoint path or {{model: ..., checkpoint: PATH}}, but got {entry!r}.")
+        models.append(hydra.utils.instantiate(model_cfg, _convert_="all"))
+        paths.append(str(path))
+    weights = cfg.teacher.get("weights")
+    if weights is not None and (len(models) == 1 or len(weights) != len(models)):
+        raise ValueError(
+            f"Expected `teacher.weights` to hold one weight per teacher (`teacher.model`, then each of `teacher.extra`: "
+            f"{len(models)}), but got {len(weights)}. Set `teacher.weights=null` for their mean (with one teacher, always)."
+        )
+    several = len(models) > 1
+    return {"teacher": models if several else models[0], "teacher_checkpoint": paths if several else paths[0],
+            "teacher_weights": None if weights is None else list(weights)}
+
+
+def distill_factory(cfg: DictConfig) -> functools.partial:
+    """``cfg.distill`` instantiated: a partial of DistillationModule (or a subclass), fresh loss objects included.
+
+    Instantiated once per stage: a stage must not inherit another's learned temperature or FitNet adapters.
+    """
+    factory = hydra.utils.instantiate(cfg.distill, _convert_="all")
+    cls = getattr(factory, "func", None)
+    if not (isinstance(factory, functools.partial) and isinstance(cls, type) and issubclass(cls, DistillationModule)):
+        raise TypeError(
+            "Expected `distill` to be a partial of DistillationModule or a subclass of it (`_target_: ...`, "
+            f"`_partial_: true`), but got {factory!r}."
+        )
+    return factory
+
+
+def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None, *, store: SoftTargetStore | None = None,
+                 offline: bool | None = None) -> DistillationModule:
+    """The stage's module. A distilled stage reads its teacher's outputs from ``store`` when ``offline``
+    (default ``soft_targets.offline``), else it gets the teacher(s) and their checkpoints."""
+    given = {"augmentation": _augmentation(cfg), "augmentation_seed": cfg.seed, "speed": hydra.utils.instantiate(cfg.speed, _convert_="all")}
+    if stage == "teacher":
+        model = hydra.utils.instantiate(cfg.teacher.model, _convert_="all")
+        if teacher_checkpoint is not None:  # evaluate a given teacher: it is the model under test
+            model = load_teacher(model, teacher_checkpoint)
+        factory = distill_factory(cfg)
+        return factory.func(None, model, hard_loss=factory.keywords["hard_loss"], **given, **_recipe(cfg.teacher))
+    student = hydra.utils.instantiate(cfg.student.model, _convert_="all")  # before the teachers: the seed gives its init
+    if stage == "student_scratch":
+        factory = distill_factory(cfg)
+        return factory.func(None, student, hard_loss=factory.keywords["hard_loss"], **given, **_recipe(cfg.student))
+    if cfg.soft_targets.offline if offline is None else offline:
+        if store is None:
+            raise ValueError(f"Stage {stage} distils from stored soft targets but no store was opened (`soft_targets.path`).")
+        return distill_factory(cfg)(None, student, soft_targets=store, **given, **_recipe(cfg.student))
+    if teacher_checkpoint is None:
+        raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
+    teacher = teachers(cfg, teacher_checkpoint)
+    return distill_factory(cfg)(teacher["teacher"], student, teacher_checkpoint=teacher["teacher_checkpoint"],
+                                teacher_weights=teacher["teacher_weights"], **given, **_recipe(cfg.student))
+
+
+def _augmentation(cfg: DictConfig) -> Any:
+    augment = cfg.get("augment")
+    return hydra.utils.instantiate(augment, _convert_="all") if augment and augment.get("_target_") else None
+
+
+def _recipe(recipe: DictConfig) -> dict[str, Any]:
+    optimizer = hydra.utils.instantiate(recipe.optimizer) if recipe.get("optimizer") else None
+    scheduler = recipe.get("lr_scheduler")
+    if isinstance(scheduler, DictConfig):
+        scheduler = hydra.utils.instantiate(scheduler, _convert_="all")
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def build_datamodule(cfg: DictConfig, stage: str) -> L.LightningDataModule:
+    """The task's datamodule; only the transfer stage sees the unlabeled transfer set."""
+    has_transfer = "transfer_samples" in cfg.data
+    if stage == "student_distilled_transfer":
+        if not has_transfer or not cfg.data.transfer_samples:
+            raise ValueError(
+                "Stage student_distilled_transfer needs unlabeled inputs: set `data.transfer_samples` > 0 "
+                "(a datamodule argument), or drop the stage from `task.stages`."
+            )
+        return hydra.utils.instantiate(cfg.data)
+    return hydra.utils.instantiate(cfg.data, **({"transfer_samples": 0} if has_transfer else {}))
+
+
+def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: int) -> L.Trainer:
+    """The stage's Trainer: ``trainer`` with the stage's epochs, ``callbacks`` (checkpoints in the stage folder),
+    the ``schedule`` for distilled stages, the stage's logger and an atomic checkpoint writer."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    for callback in callbacks:
+        if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint):
+            callback.dirpath = str(stage_dir / "checkpoints")
+    if stage in DISTILLED_STAGES and cfg.get("schedule"):
+        callbacks.append(hydra.utils.instantiate(cfg.schedule, _convert_="all"))
+    logger: Any = False
+    if cfg.get("logger"):
+        _keep_earlier_metrics(stage_dir)
+        logger = hydra.utils.instantiate(cfg.logger, name=stage)
+    # The callbacks group chooses the progress bar: without one (callbacks=quiet) Lightning must not add its own.
+    no_bar = {} if any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
+    plugins = [hydra.utils.instantiate(p) if isinstance(p, DictConfig) else p for p in (cfg.trainer.get("plugins") or [])]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(runs.AtomicCheckpointIO())  # a crash while saving keeps the previous last.ckpt whole
+    # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
+    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
+                                   default_root_dir=str(stage_dir), **no_bar)
+
+
+@rank_zero_only
+def _keep_earlier_metrics(stage_dir: Path) -> None:
+    """Lightning's CSV logger deletes a resumed stage's ``metrics.csv``: keep it as ``metrics.<k>.csv`` first."""
+    metrics = stage_dir / "metrics.csv"
+    if metrics.is_file():
+        k = next(k for k in range(1, 10_000) if not (stage_dir / f"metrics.{k}.csv").exists())
+        metrics.rename(stage_dir / f"metrics.{k}.csv")
+        log.info("Kept the metrics logged before the resume as %s.", stage_dir / f"metrics.{k}.csv")
+
+
+# ------------------------------------------------------------------------------ one stage
+
+
+def run_stage(
+    cfg: DictConfig, stage: str, run_dir: Path, teacher_checkpoint: str | None, *, store: SoftTargetStore | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """Train (or, for a given teacher checkpoint, only evaluate) one stage; finished stages are reused.
+
+    A distilled stage with ``soft_targets.offline`` reads ``store`` (opened by :func:`run`). A stage
+    trained under other settings is refused (:func:`runs.check_stage`); an interrupted one resumes from
+    :func:`runs.resume_checkpoint`; one stopped by SIGTERM raises :class:`runs.Interrupted` and writes no result.
+    """
+    stage_dir = run_dir / stage
+    record = runs.record(cfg, stage, teacher_checkpoint)
+    runs.check_stage(stage_dir, record)
+    result = runs.read_result(run_dir, stage)
+    if result is not None:  # a re-run in the same directory resumes after the last finished stage
+        log.info("Stage %s already finished in %s: reusing it.", stage, stage_dir)
+        return result["entry"], result["checkpoint"]
+
+    if not _reads_store(cfg, stage):
+        store = None
+    given_teacher = stage == "teacher" and teacher_checkpoint is not None
+    resume = None if given_teacher else runs.resume_checkpoint(stage_dir)
+    L.seed_everything(cfg.seed, workers=True)  # before building models: same seed, same init
+    module = build_module(cfg, stage, teacher_checkpoint, store=store)
+    datamodule = build_datamodule(cfg, stage)
+    if store is not None:
+        datamodule = SoftTargetDataModule(datamodule, store)
+    epochs = 0 if given_teacher else OmegaConf.select(cfg, runs.EPOCHS[stage])  # a given teacher is only evaluated
+    trainer = build_trainer(cfg, stage, stage_dir, max_epochs=epochs)
+    if record is not None:
+        trainer.callbacks.append(runs.RecordStage(stage_dir, record))  # a resume under other settings is then refused
+    try:  # Lightning's SIGTERM handler stops fit/test at the end of a batch (SIGTERMException, or only the flag)
+        if not given_teacher:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume), weights_only=True)
+        if not trainer.received_sigterm:
+            metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    except SIGTERMException:
+        pass
+    if trainer.received_sigterm:
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        where = (f"the re-run resumes it from {str(last)!r}, its end-of-epoch checkpoint (the steps after it are repeated)"
+                 if last.is_file() else "it had no checkpoint yet, so the re-run starts it over")
+        raise runs.Interrupted(f"Stage {stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: {where}.")
+    checkpoint = str(teacher_checkpoint) if given_teacher else str(stage_dir / "checkpoints" / "last.ckpt")
+    entry = {
+        "test_acc": _float(metrics.get("test/acc")),
+        "params": report.count_parameters(module.student),
+        "weights_bytes": None,
+        "checkpoint_bytes": None,
+        "latency_ms": None,
+        "epochs": int(epochs),
+        "agreement_with_teacher": _float(metrics.get("test/agreement")),
+        "teacher_test_acc": _float(metrics.get("test/teacher_acc")),
+        "checkpoint": runs.portable(checkpoint, run_dir),  # relative inside the run directory: it may move
+    }
+    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint, record)
+    return entry, checkpoint
+
+
+@rank_zero_only
+def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: DistillationModule, datamodule: Any, entry: dict[str, Any],
+                  checkpoint: str, record: dict[str, Any] | None) -> None:
+    """Export the model's weights, time it on the CPU, and mark the stage done (rank 0 only)."""
+    model: nn.Module = module.student
+    weights = run_dir / stage / "model.pt"
+    atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f))
+    entry["weights_bytes"] = weights.stat().st_size
+    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
+    entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
+    example, _ = module.unpack_batch(next(iter(datamodule.test_dataloader())))
+    entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
+    entry["latency_batch_size"] = int(example.shape[0]) if isinstance(example, torch.Tensor) else None
+    runs.write_result(run_dir, stage, entry, checkpoint, record)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
