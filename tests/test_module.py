@@ -1,8 +1,10 @@
 """DistillationModule on real (tiny) fits: teacher hygiene, the loss, checkpoints, resume, errors."""
 
 import copy
+import dataclasses
 import math
 import warnings
+from functools import partial
 
 import lightning as L
 import pytest
@@ -13,9 +15,30 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationAnnealing, DistillationModule
+from lightning_kd import DistillationAnnealing, DistillationModule, Speed
+from lightning_kd.checkpoint import fingerprint
+from lightning_kd.losses import (
+    DISTLoss,
+    DKDLoss,
+    HardMSELoss,
+    JSDLoss,
+    KDLoss,
+    LearnableTemperature,
+    ReverseKLLoss,
+    SkewKLLoss,
+    SoftMSELoss,
+    cross_entropy_loss,
+    dist_loss,
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    reverse_kl_loss,
+    skew_kl_loss,
+    soft_mse_loss,
+)
 from lightning_kd.models import get_model
 from lightning_kd.schedules import Cosine, Linear
+from lightning_kd.teachers import load_teacher
 
 
 def loaders(n=96, classes=10, batch=32, unlabeled=0):
@@ -122,7 +145,7 @@ def reference_loss(student_logits, teacher_logits, targets, T, alpha):
 
 
 def test_training_step_loss_matches_reference_with_unlabeled_inputs():
-    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), temperature=3.0, alpha=0.7)
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=KDLoss(temperature=3.0), alpha=0.7)
     module.log = lambda *a, **k: None  # no Trainer attached
     x_l, y = torch.randn(5, 40), torch.randint(0, 10, (5,))
     x_u = torch.randn(3, 40)
@@ -303,7 +326,7 @@ def test_overriding_unpack_batch_for_another_batch_format():
 
 def test_regression_with_mse_losses():
     teacher, student = nn.Linear(40, 3), nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 3))
-    module = DistillationModule(teacher, student, hard_loss="mse", soft_loss="mse", alpha=0.5)
+    module = DistillationModule(teacher, student, hard_loss=HardMSELoss(), soft_loss=SoftMSELoss(), alpha=0.5)
     module.log = lambda *a, **k: None
     x, y = torch.randn(6, 40), torch.randn(6, 3)
     loss = module.training_step((x, y), 0)
@@ -317,24 +340,39 @@ def test_regression_with_mse_losses():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"temperature": 0.0}, ValueError, r"Expected `temperature` to be > 0, but got 0.0"),
-        ({"temperature": -2}, ValueError, r"`temperature` to be > 0"),
-        ({"alpha": 1.5}, ValueError, r"Expected `alpha` to be in \[0, 1\], but got 1.5"),
-        ({"alpha": -0.1}, ValueError, r"`alpha` to be in \[0, 1\]"),
-        ({"hard_loss": "hinge"}, ValueError, r"Unknown `hard_loss` 'hinge'. Expected one of cross_entropy, mse"),
-        ({"soft_loss": "js"}, ValueError, r"Unknown `soft_loss` 'js'. Expected one of kl, mse"),
-        ({"lr_scheduler": "linear"}, ValueError, r"Unknown `lr_scheduler` 'linear'. Expected one of cosine"),
+        (lambda: {"soft_loss": KDLoss(temperature=0.0)}, ValueError, r"Expected `temperature` to be > 0, but got 0.0"),
+        (lambda: {"soft_loss": KDLoss(temperature=-2)}, ValueError, r"`temperature` to be > 0"),
+        (lambda: {"alpha": 1.5}, ValueError, r"Expected `alpha` to be in \[0, 1\], but got 1.5"),
+        (lambda: {"alpha": -0.1}, ValueError, r"`alpha` to be in \[0, 1\]"),
+        (lambda: {"hard_loss": "hinge"}, TypeError, r"Expected `hard_loss` to be a callable \(outputs, targets\) -> loss, but got str"),
+        (lambda: {"soft_loss": "js"}, TypeError, r"Expected `soft_loss` to be a lightning_kd.losses.LogitLoss .*, but got str"),
+        (lambda: {"soft_loss": nn.KLDivLoss()}, TypeError, r"Expected `soft_loss` to be a lightning_kd.losses.LogitLoss .*, but got KLDivLoss"),
+        (lambda: {"lr_scheduler": "linear"}, ValueError, r"Unknown `lr_scheduler` 'linear'. Expected None, 'cosine'"),
+        (lambda: {"lr_scheduler": {"interval": "step"}}, ValueError, r"Unknown `lr_scheduler` \{'interval': 'step'\}"),
+        (lambda: {"speed": "fast"}, TypeError, r"Expected `speed` to be a lightning_kd.Speed, but got str"),
     ],
+    ids=["temperature_zero", "temperature_negative", "alpha_above", "alpha_below", "hard_loss_str", "soft_loss_str",
+         "soft_loss_not_a_logit_loss", "lr_scheduler_name", "lr_scheduler_dict_without_scheduler", "speed_str"],
 )
 def test_bad_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
-        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs)
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs())
+
+
+def test_student_must_be_a_module():
+    with pytest.raises(TypeError, match=r"Expected `student` to be an nn.Module, but got str"):
+        DistillationModule(get_model("cnn1d"), "mlp")
 
 
 def test_callback_cannot_set_a_bad_value():
     module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
     with pytest.raises(ValueError, match="`alpha` to be in"):
         module.alpha = 2.0
+    with pytest.raises(ValueError, match=r"Expected `temperature` to be > 0, but got 0.0"):
+        module.temperature = 0.0
+    with pytest.raises(ValueError, match=r"Expected `soft_weight` to be a finite number >= 0, but got nan"):
+        module.soft_weight = math.nan
+    assert (module.alpha, module.temperature, module.soft_weight) == (0.9, 4.0, 1.0)  # the refused values left no trace
 
 
 def test_teacher_and_student_with_different_classes():
@@ -357,50 +395,210 @@ def test_unsupported_batch_format_says_how_to_fix():
         module.unpack_batch((torch.randn(2, 40), torch.zeros(2), torch.zeros(2)))
 
 
-# ---------------------------------------------------------------------- the methods of issue 4 in the module
-def test_every_soft_loss_is_the_functional_one_with_the_module_settings():
-    from lightning_kd.losses import SOFT_LOSSES, compute_soft_loss, cross_entropy_loss
+# ---------------------------------------------------------------------- the soft losses in the module
+SOFT_LOSSES = {  # each loss object with options off their defaults, and its functional twin with the same settings
+    "kd": (lambda: KDLoss(2.0, standardize=True), lambda s, t, c: kd_loss(s, t, 2.0, standardize=True)),
+    "mse": (lambda: SoftMSELoss(standardize=True), lambda s, t, c: soft_mse_loss(s, t, standardize=True)),
+    "reverse_kl": (lambda: ReverseKLLoss(2.0, scale_by_t2=False, standardize=True),
+                   lambda s, t, c: reverse_kl_loss(s, t, temperature=2.0, scale_by_t2=False, standardize=True)),
+    "jsd": (lambda: JSDLoss(2.0, beta=0.2, standardize=True), lambda s, t, c: jsd_loss(s, t, beta=0.2, temperature=2.0, standardize=True)),
+    "skew_kl": (lambda: SkewKLLoss(2.0, skew=0.3, standardize=True),
+                lambda s, t, c: skew_kl_loss(s, t, skew=0.3, temperature=2.0, standardize=True)),
+    "dkd": (lambda: DKDLoss(2.0, beta=4.0, standardize=True), lambda s, t, c: dkd_loss(s, t, c, beta=4.0, temperature=2.0, standardize=True)),
+    "dist": (lambda: DISTLoss(2.0, gamma=0.5, standardize=True),
+             lambda s, t, c: dist_loss(s, t, gamma=0.5, temperature=2.0, standardize=True)),
+}
 
+
+@pytest.mark.parametrize("name", sorted(SOFT_LOSSES))
+def test_every_soft_loss_is_the_functional_one_with_its_options(name):
+    make_loss, functional = SOFT_LOSSES[name]
     s, t = torch.randn(6, 10), torch.randn(6, 10)
     y = torch.tensor([1, 2, 3, -100, 5, 6])  # one unlabeled row
-    options = {"dkd": {"beta": 4.0}, "dist": {"gamma": 0.5}, "jsd": {"beta": 0.2}, "skew_kl": {"skew": 0.3}}
-    for name in SOFT_LOSSES:
-        module = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=name, soft_loss_options=options.get(name),
-                                    temperature=2.0, alpha=0.7, standardize=True, soft_weight=0.5)
-        losses = module.distillation_loss(s, t, y)
-        # DKD needs a class for the unlabeled row: the teacher's top-1
-        classes = torch.where(y == -100, t.argmax(-1), y)
-        soft = compute_soft_loss(name, s, t, classes, temperature=2.0, standardize=True, options=options.get(name))
-        assert losses["soft"].item() == pytest.approx(soft.item(), rel=1e-6), name
-        expected = 0.5 * 0.7 * soft + 0.3 * cross_entropy_loss(s, y)
-        assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6), name
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=make_loss(), alpha=0.7, soft_weight=0.5)
+    losses = module.distillation_loss(s, t, y)
+    # DKD needs a class for the unlabeled row: the teacher's top-1
+    classes = torch.where(y == -100, t.argmax(-1), y)
+    soft = functional(s, t, classes)
+    assert torch.equal(losses["soft"], soft)
+    expected = 0.5 * 0.7 * soft + 0.3 * cross_entropy_loss(s, y)
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_learned_temperature_moves_is_logged_and_cannot_be_annealed(tmp_path):
+def test_temperature_reads_and_writes_the_loss_temperature():
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=DKDLoss(temperature=3.0, beta=8.0), alpha=1.0)
+    assert module.temperature == 3.0 == module.soft_loss.temperature
+    module.temperature = 2.5  # what the annealing callback does
+    assert module.soft_loss.temperature == 2.5 and module.temperature == 2.5
+    s, t, y = torch.randn(5, 10), torch.randn(5, 10), torch.randint(0, 10, (5,))
+    assert torch.equal(module.distillation_loss(s, t, y)["soft"], dkd_loss(s, t, y, beta=8.0, temperature=2.5))
+
+    no_temperature = DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss=SoftMSELoss())
+    with pytest.raises(AttributeError, match="SoftMSELoss has no temperature"):
+        no_temperature.temperature = 2.0
+    with pytest.raises(TypeError, match="temperature"):  # Python's own error: the logit MSE takes no temperature
+        SoftMSELoss(temperature=LearnableTemperature())
+
+
+def test_learned_temperature_trains_is_logged_checkpointed_and_cannot_be_annealed(tmp_path):
     L.seed_everything(0)
-    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), learnable_temperature={"t_min": 1.0, "t_range": 10.0})
+    teacher = get_model("cnn1d")
+    learned = LearnableTemperature(4.0, t_min=1.0, t_range=10.0)
+    module = DistillationModule(teacher, get_model("mlp"), soft_loss=KDLoss(temperature=learned))
     start = module.temperature
     assert start == pytest.approx(4.0, rel=1e-6)
-    annealing = DistillationAnnealing(schedules={"grl_weight": Cosine(0.0, 1.0)})
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[annealing])
-    trainer.fit(module, loaders(n=64, batch=16)[0])
-    assert module.temperature != pytest.approx(start, abs=1e-4)  # learned
-    logged = trainer.callback_metrics["train/temperature"].item()  # the last step's, before its optimizer step
+    assert module.soft_loss.temperature is learned
+    assert any(p is learned.theta for p in module.trainable_parameters())
+    theta, before = learned.theta.detach().clone(), teacher_state(module)
+    annealing = DistillationAnnealing(schedules={"soft_loss.temperature.grl_weight": Cosine(0.0, 1.0)})
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    fit = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[annealing, checkpoints],
+                    default_root_dir=tmp_path)
+    fit.fit(module, loaders(n=64, batch=16)[0])
+    assert not torch.equal(learned.theta.detach(), theta)  # trained with the student ...
+    assert module.temperature != pytest.approx(start, abs=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())  # ... beside a bit-identical teacher
+    assert learned.grl_weight == pytest.approx(Cosine(0.0, 1.0)(7, 8))  # the last of 8 steps: the dotted path reached the loss
+    logged = fit.callback_metrics["train/temperature"].item()  # the last step's, before its optimizer step
     assert logged != pytest.approx(start, abs=1e-4) and logged == pytest.approx(module.temperature, abs=1e-2)
-    assert any(p is module.temperature_model.theta for g in trainer.optimizers[0].param_groups for p in g["params"])
+    assert any(p is learned.theta for g in fit.optimizers[0].param_groups for p in g["params"])
     with pytest.raises(RuntimeError, match="The temperature is learned"):
         module.temperature = 2.0
-    with pytest.raises(ValueError, match="needs a soft loss with a temperature"):
-        DistillationModule(get_model("cnn1d"), get_model("mlp"), soft_loss="mse", learnable_temperature=True)
+    assert module.soft_loss.temperature is learned  # the refused value replaced nothing
+
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(state["soft_loss.temperature.theta"], learned.theta.detach())
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", teacher=copy.deepcopy(module.teacher), student=get_model("mlp"),
+                                                       soft_loss=KDLoss(temperature=LearnableTemperature(4.0, t_min=1.0, t_range=10.0)))
+    assert torch.equal(restored.soft_loss.temperature.theta, learned.theta)
+    assert restored.temperature == module.temperature
 
 
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"soft_loss": "dkd", "soft_loss_options": {"gamma": 1.0}}, ValueError, r"Unknown `soft_loss_options` \['gamma'\]"),
-        ({"soft_weight": -1.0}, ValueError, "Expected `soft_weight` to be >= 0"),
+        (lambda: {"soft_loss": DKDLoss(gamma=1.0)}, TypeError, r"unexpected keyword argument 'gamma'"),  # Python's own check
+        (lambda: {"soft_weight": -1.0}, ValueError, r"Expected `soft_weight` to be a finite number >= 0, but got -1.0"),
     ],
+    ids=["unknown_loss_option", "negative_soft_weight"],
 )
 def test_bad_method_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
-        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs)
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), **kwargs())
+
+
+# ---------------------------------------------------------------------- the learning-rate schedule
+class LearningRates(Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.values.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_a_scheduler_steps_per_optimizer_step_or_per_epoch(interval):
+    schedule = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    lr_scheduler = {"scheduler": schedule, "interval": "step"} if interval == "step" else schedule  # a bare partial: per epoch
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), optimizer=partial(torch.optim.SGD, lr=0.1), lr_scheduler=lr_scheduler)
+    rates = LearningRates()
+    fit = trainer(max_epochs=2, limit_val_batches=0, callbacks=[rates])
+    fit.fit(module, loaders()[0])  # 3 batches per epoch
+    assert fit.global_step == 6
+    # the lr of optimizer step k (k = 0..5): 0.1 * 0.5^k per step, 0.1 * 0.5^epoch per epoch
+    expected = [0.1 * 0.5 ** (k if interval == "step" else k // 3) for k in range(6)]
+    assert rates.values == pytest.approx(expected, rel=1e-12)
+    final = 0.1 * 0.5 ** (6 if interval == "step" else 2)
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(final, rel=1e-12)
+
+
+# ---------------------------------------------------------------------- the teacher: load_teacher and Speed
+def test_load_teacher_loads_freezes_and_casts_one_model(tmp_path):
+    trained = get_model("cnn1d")
+    torch.save(trained.state_dict(), tmp_path / "teacher.pt")
+    fresh = get_model("cnn1d").train()
+    teacher = load_teacher(fresh, tmp_path / "teacher.pt")
+    assert teacher is fresh
+    for key, value in trained.state_dict().items():  # weights and BatchNorm buffers
+        assert torch.equal(teacher.state_dict()[key], value), key
+    assert not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(3, 40)
+    assert torch.equal(teacher(x), trained.eval()(x))
+    assert fingerprint(teacher) == fingerprint(trained)
+    cast = load_teacher(get_model("cnn1d"), str(tmp_path / "teacher.pt"), dtype="bfloat16")
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    assert torch.equal(cast.classifier.weight, trained.classifier.weight.bfloat16())
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda p: load_teacher(get_model("cnn1d"), weights=[1.0]), ValueError, "`teacher_weights` is for several teachers"),
+        (lambda p: load_teacher(get_model("cnn1d"), dtype={"0": "bfloat16"}), ValueError, "A per-teacher `teacher_dtype` dict needs several teachers"),
+        (lambda p: load_teacher(get_model("cnn1d"), [p, p]), ValueError, "Several teacher checkpoints need several teachers"),
+        (lambda p: load_teacher(get_model("cnn1d"), dtype="fp8"), ValueError, r"Unknown `teacher_dtype` 'fp8'"),
+        (lambda p: load_teacher("cnn1d"), TypeError, r"Expected `teacher` to be an nn.Module, a list/dict of them, or None, but got str"),
+        (lambda p: load_teacher(get_model("cnn1d"), p.parent / "missing.pt"), FileNotFoundError, "missing.pt"),
+    ],
+    ids=["weights", "per_member_dtype", "several_checkpoints", "unknown_dtype", "not_a_module", "missing_file"],
+)
+def test_load_teacher_refuses_settings_for_one_teacher(tmp_path, call, error, match):
+    path = tmp_path / "teacher.pt"
+    torch.save(get_model("cnn1d").state_dict(), path)
+    with pytest.raises(error, match=match):
+        call(path)
+
+
+def test_module_takes_its_teacher_from_load_teacher(tmp_path):
+    trained = get_model("cnn1d")
+    torch.save(trained.state_dict(), tmp_path / "teacher.pt")
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), teacher_checkpoint=tmp_path / "teacher.pt",
+                                speed=Speed(teacher_dtype="bfloat16"))
+    expected = load_teacher(get_model("cnn1d"), tmp_path / "teacher.pt", dtype="bfloat16")
+    assert fingerprint(module.teacher) == fingerprint(expected)
+    x = torch.randn(4, 40)
+    assert torch.equal(module.teacher_forward(x), expected(x.bfloat16()))
+
+
+def test_speed_validates_dtype_names_and_is_a_value():
+    assert Speed() == Speed(teacher_dtype=None, compile_student=False, compile_teacher=False, channels_last=False)
+    assert Speed(channels_last=True) != Speed()
+    Speed(teacher_dtype={"0": "bfloat16", "1": None})  # per member, None = as given
+    with pytest.raises(ValueError, match=r"Unknown `teacher_dtype` 'fp8'. Expected one of float32, bfloat16, float16 or None"):
+        Speed(teacher_dtype="fp8")
+    with pytest.raises(ValueError, match=r"Unknown `teacher_dtype` 'int8'"):
+        Speed(teacher_dtype={"0": "bfloat16", "1": "int8"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Speed().channels_last = True
+
+
+# ---------------------------------------------------------------------- a user's own loss combination
+class EntropyBonusKD(DistillationModule):
+    """A user project's loss: the parent's combination minus 0.1 times the student's mean entropy."""
+
+    def distillation_loss(self, student_out, teacher_out, targets):
+        parts = super().distillation_loss(student_out, teacher_out, targets)
+        p = student_out.float().softmax(-1)
+        entropy = -(p * p.log()).sum(-1).mean()
+        return {**parts, "loss": parts["loss"] - 0.1 * entropy}
+
+
+def test_overriding_distillation_loss_in_a_subclass():
+    module = EntropyBonusKD(get_model("cnn1d"), get_model("mlp"), alpha=0.7)
+    module.log = lambda *a, **k: None
+    x, y = torch.randn(6, 40), torch.randint(0, 10, (6,))
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s, t = module.student(x), module.teacher(x)
+    expected, _, _ = reference_loss(s, t, y, 4.0, 0.7)
+    p = torch.softmax(s.double(), -1)
+    expected -= 0.1 * float(-(p * p.log()).sum(-1).mean())
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+    before, student_before = teacher_state(module), module.student.classifier.weight.detach().clone()
+    train, val = loaders()
+    fit = trainer(max_epochs=1, log_every_n_steps=1)
+    fit.fit(module, train, val)
+    assert not torch.equal(module.student.classifier.weight, student_before)
+    assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
