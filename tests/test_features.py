@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -11,12 +12,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationModule
+from lightning_kd import DistillationModule, Speed
+from lightning_kd.features import FeatureTerm
 from lightning_kd.hooks import FeatureHooks, canonical_name, resolve_modules
-from lightning_kd.losses import at_loss, build_adapter, fitnet_loss, rkd_loss
+from lightning_kd.losses import (
+    ATLoss,
+    DKDLoss,
+    FitNetLoss,
+    LearnableTemperature,
+    RKDLoss,
+    at_loss,
+    build_adapter,
+    cross_entropy_loss,
+    fitnet_loss,
+    kd_loss,
+    rkd_loss,
+)
 from lightning_kd.models import get_model
+from lightning_kd.teachers import TeacherEnsemble, load_teacher
 
-FITNET = {"fitnet": {"teacher_layers": ["features.3"], "student_layers": ["hidden.1"], "weight": 10.0}}
+
+def fitnet() -> dict[str, FeatureTerm]:
+    return {"fitnet": FeatureTerm(FitNetLoss(), "features.3", "hidden.1", weight=10.0)}
 
 
 def all_hooks(model: nn.Module) -> int:
@@ -180,7 +197,7 @@ def test_adapters_map_student_shapes_to_teacher_shapes(student, teacher, kind):
 # ------------------------------------------------------------------ the module's feature terms
 def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path):
     L.seed_everything(0)
-    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), features=FITNET)
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"), features=fitnet())
     assert len(module.feature_distillation.adapters) == 0  # built from a dry forward at the start of fit
     fit = trainer(max_epochs=2, default_root_dir=tmp_path, enable_checkpointing=True)
     fit.fit(module, loader())
@@ -197,7 +214,8 @@ def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path)
     state = torch.load(ckpt, weights_only=True)
     assert "feature_distillation.adapters.fitnet_0.1.weight" in state["state_dict"]
     # `load_from_checkpoint` has no dry forward: the adapters come back from the shapes the checkpoint records
-    restored = DistillationModule.load_from_checkpoint(ckpt, teacher=module.teacher, student=get_model("mlp"), weights_only=True)
+    restored = DistillationModule.load_from_checkpoint(ckpt, teacher=module.teacher, student=get_model("mlp"), features=fitnet(),
+                                                       weights_only=True)
     for key, value in module.feature_distillation.adapters.state_dict().items():
         assert torch.equal(restored.feature_distillation.adapters.state_dict()[key], value)
 
@@ -205,8 +223,8 @@ def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path)
 def test_feature_loss_in_the_training_step_equals_the_functional_one():
     L.seed_everything(0)
     teacher, student = get_model("cnn1d").eval(), get_model("mlp")
-    terms = {"rkd": {"teacher_layers": ["features.3"], "student_layers": ["hidden.1"], "weight": 2.0},
-             "hint": {"method": "fitnet", "teacher_layers": ["features.2"], "student_layers": ["hidden.0"]}}
+    terms = {"rkd": FeatureTerm(RKDLoss(), "features.3", "hidden.1", weight=2.0),
+             "hint": FeatureTerm(FitNetLoss(), ["features.2"], ["hidden.0"])}
     module = DistillationModule(teacher, student, features=terms, alpha=0.5)
     module.example_input_array = torch.randn(2, 40)
     module.setup("fit")  # attaches the hooks, builds the adapter from a dry forward
@@ -217,8 +235,6 @@ def test_feature_loss_in_the_training_step_equals_the_functional_one():
     s0 = student.hidden[0](x)
     s1 = student.hidden[1](s0)
     s_out = student.classifier(s1)
-    from lightning_kd.losses import cross_entropy_loss, kd_loss
-
     expected = 0.5 * kd_loss(s_out, t_out, 4.0) + 0.5 * cross_entropy_loss(s_out, y)
     expected = expected + 2.0 * rkd_loss(s1, t3) + fitnet_loss(module.feature_distillation.adapters["hint_0"](s0), t2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -229,22 +245,68 @@ def test_feature_loss_in_the_training_step_equals_the_functional_one():
 @pytest.mark.parametrize(
     "features, error, match",
     [
-        ({"fitnet": {"teacher_layers": ["features.9"], "student_layers": ["hidden.1"]}}, ValueError, "Unknown teacher layer 'features.9'"),
-        ({"at": {"teacher_layers": ["features.1"], "student_layers": ["hiden.0"]}}, ValueError, "Did you mean: hidden.0"),
-        ({"crd": {"teacher_layers": ["features.1"], "student_layers": ["hidden.0"]}}, ValueError, "Unknown feature method 'crd'.*fitnet, at, rkd"),
-        ({"fitnet": {"teacher_layers": ["features.1", "features.2"], "student_layers": ["hidden.0"]}}, ValueError, "as many `teacher_layers`"),
-        ({"rkd": {"teacher_layers": ["features.1"], "student_layers": ["hidden.0"], "angle": 1}}, ValueError, r"Unknown option\(s\) \['angle'\]"),
-        ({"fitnet": {"teacher_layers": [], "student_layers": ["hidden.0"]}}, ValueError, "non-empty list of layer names"),
+        (lambda: {"fitnet": FeatureTerm(FitNetLoss(), "features.9", "hidden.1")}, ValueError, "Unknown teacher layer 'features.9'"),
+        (lambda: {"at": FeatureTerm(ATLoss(), "features.1", "hiden.0")}, ValueError, "Unknown student layer 'hiden.0'.*Did you mean: hidden.0"),
+        (lambda: {"crd": {"teacher_layers": ["features.1"], "student_layers": ["hidden.0"]}}, TypeError,
+         r"Expected `features\['crd'\]` to be a FeatureTerm\(loss, teacher_layers, student_layers, weight\), but got dict"),
+        (lambda: {"fitnet": FeatureTerm(FitNetLoss(), ["features.1", "features.2"], ["hidden.0"])}, ValueError, "as many `teacher_layers`"),
+        (lambda: {"rkd": FeatureTerm(RKDLoss(angle=1), "features.1", "hidden.0")}, TypeError, r"unexpected keyword argument 'angle'"),
+        (lambda: {"fitnet": FeatureTerm(FitNetLoss(), [], ["hidden.0"])}, ValueError, "`teacher_layers` to be a layer name or a non-empty list"),
     ],
+    ids=["unknown_teacher_layer", "misspelt_student_layer", "not_a_feature_term", "unpaired_layers", "unknown_loss_option", "no_layer"],
 )
 def test_bad_feature_settings_are_refused_at_construction(features, error, match):
     with pytest.raises(error, match=match):
-        DistillationModule(get_model("cnn1d"), get_model("mlp"), features=features)
+        DistillationModule(get_model("cnn1d"), get_model("mlp"), features=features())
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: FeatureTerm(FitNetLoss(), ["features.1", "features.2"], "hidden.0"), ValueError,
+         r"Expected as many `teacher_layers` as `student_layers` \(they pair up in order\), but got 2 and 1"),
+        (lambda: FeatureTerm(ATLoss(), "features.1", "hidden.0", weight=-1.0), ValueError,
+         r"Expected the feature term's `weight` to be a finite number >= 0, but got -1.0"),
+        (lambda: FeatureTerm(ATLoss(), "features.1", "hidden.0", weight=math.nan), ValueError, r"`weight` to be a finite number >= 0, but got nan"),
+        (lambda: FeatureTerm("fitnet", "features.1", "hidden.0"), TypeError, r"`loss` to be a module or callable .* but got str"),
+        (lambda: FeatureTerm(ATLoss(), "features.1", []), ValueError, r"Expected `student_layers` to be a layer name or a non-empty list of them"),
+        (lambda: FeatureTerm(ATLoss(), [1], ["hidden.0"]), ValueError, r"Expected `teacher_layers` to be a layer name or a non-empty list"),
+    ],
+    ids=["unpaired", "negative_weight", "nan_weight", "loss_by_name", "no_student_layer", "layer_not_a_name"],
+)
+def test_feature_term_validates_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_feature_term_pairs_layers_in_order_and_any_callable_is_a_loss():
+    term = FeatureTerm(FitNetLoss(), "features.3", "hidden.1", weight=100.0)
+    assert repr(term) == "FeatureTerm(FitNetLoss(adapter='auto'), teacher_layers=['features.3'], student_layers=['hidden.1'], weight=100.0)"
+    assert term.needs_adapters and not FeatureTerm(ATLoss(), "features.1", "hidden.0").needs_adapters
+
+    def mean_match(s, t):  # a user's own term: student and teacher mean activations per sample
+        return (s.mean(1) - t.flatten(1).mean(1)).pow(2).mean()
+
+    L.seed_everything(0)
+    teacher, student = get_model("cnn1d").eval(), get_model("mlp")
+    terms = {"mean": FeatureTerm(mean_match, "features.3", "hidden.1", weight=3.0),
+             "off": FeatureTerm(RKDLoss(), "features.1", "hidden.0", weight=0.0)}
+    module = DistillationModule(teacher, student, features=terms, alpha=0.5)
+    module.log = lambda *a, **k: None
+    module.setup("fit")
+    x, y = torch.randn(8, 40), torch.randint(0, 10, (8,))
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        t_out, t3 = teacher(x), teacher.features[:4](x.unsqueeze(1))
+    s1 = student.hidden[1](student.hidden[0](x))
+    expected = 0.5 * kd_loss(student.classifier(s1), t_out, 4.0) + 0.5 * cross_entropy_loss(student.classifier(s1), y) + 3.0 * mean_match(s1, t3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)  # a weight of 0 adds nothing
+    module.teardown("fit")
 
 
 def test_feature_terms_need_an_online_teacher():
     with pytest.raises(ValueError, match="Feature terms need the teacher's activations"):
-        DistillationModule(None, get_model("mlp"), features=FITNET)
+        DistillationModule(None, get_model("mlp"), features=fitnet())
 
 
 # ------------------------------------------------------------------ several teachers
@@ -270,7 +332,7 @@ def test_two_teachers_average_their_logits_and_each_stays_frozen(tmp_path):
 
 def test_each_teacher_on_its_own_precision():
     a, b = get_model("cnn1d").eval(), get_model("cnn1d").eval()
-    module = DistillationModule([a, b], get_model("mlp"), teacher_dtype={"1": "bfloat16"})
+    module = DistillationModule([a, b], get_model("mlp"), speed=Speed(teacher_dtype={"1": "bfloat16"}))
     assert next(a.parameters()).dtype == torch.float32 and next(b.parameters()).dtype == torch.bfloat16
     x = torch.randn(4, 40)
     out = module.teacher_forward(x)
@@ -281,15 +343,68 @@ def test_each_teacher_on_its_own_precision():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"teacher_weights": [1.0]}, r"Expected 2 `teacher_weights` \(one per teacher\), but got 1"),
-        ({"teacher_weights": [0.0, 0.0]}, "non-negative `teacher_weights` with a positive sum"),
-        ({"teacher_dtype": {"2": "bfloat16"}}, "names teacher '2', but the teachers are 0, 1"),
-        ({"teacher_dtype": {"0": "fp8"}}, "Unknown `teacher_dtype` 'fp8'"),
+        (lambda: {"teacher_weights": [1.0]}, r"Expected 2 `teacher_weights` \(one per teacher\), but got 1"),
+        (lambda: {"teacher_weights": [0.0, 0.0]}, "non-negative `teacher_weights` with a positive sum"),
+        (lambda: {"speed": Speed(teacher_dtype={"2": "bfloat16"})}, "names teacher '2', but the teachers are 0, 1"),
+        (lambda: {"speed": Speed(teacher_dtype={"0": "fp8"})}, "Unknown `teacher_dtype` 'fp8'"),
+        (lambda: {"teacher_checkpoint": [None]}, r"Expected 2 teacher checkpoints \(one per teacher, None to keep one as given\), but got 1"),
+        (lambda: {"teacher_checkpoint": {"2": None}}, r"`teacher_checkpoint` names teachers \['2'\], but the teachers are 0, 1"),
+        (lambda: {"teacher_checkpoint": "teacher.pt"}, "Several teachers need one checkpoint each"),
     ],
+    ids=["weights_count", "weights_zero_sum", "dtype_unknown_member", "dtype_unknown_name", "checkpoint_count", "checkpoint_unknown_member",
+         "one_checkpoint"],
 )
 def test_bad_ensemble_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DistillationModule([get_model("cnn1d"), get_model("cnn1d")], get_model("mlp"), **kwargs)
+        DistillationModule([get_model("cnn1d"), get_model("cnn1d")], get_model("mlp"), **kwargs())
+
+
+def test_load_teacher_builds_a_weighted_ensemble_each_member_from_its_checkpoint(tmp_path):
+    a, b = get_model("cnn1d"), get_model("cnn1d", channels=8)  # members need not share an architecture
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    fresh_a, fresh_b = get_model("cnn1d").train(), get_model("cnn1d", channels=8).train()
+    ensemble = load_teacher([fresh_a, fresh_b], [tmp_path / "a.pt", str(tmp_path / "b.pt")], weights=[3, 1])
+    assert isinstance(ensemble, TeacherEnsemble) and ensemble.weights == {"0": 0.75, "1": 0.25}
+    for member, source in ((ensemble["0"], a), (ensemble["1"], b)):
+        for key, value in source.state_dict().items():  # weights and BatchNorm buffers
+            assert torch.equal(member.state_dict()[key], value), key
+    assert not any(m.training for m in ensemble.modules())
+    assert not any(p.requires_grad for p in ensemble.parameters())
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(ensemble(x), 0.75 * a.eval()(x) + 0.25 * b.eval()(x))
+
+    given = get_model("cnn1d")  # a dict by name; None keeps a member's weights as given
+    kept = {k: v.clone() for k, v in given.state_dict().items()}
+    by_name = load_teacher({"a": get_model("cnn1d"), "given": given}, {"a": tmp_path / "a.pt", "given": None})
+    assert by_name.weights == {"a": 0.5, "given": 0.5}
+    assert torch.equal(by_name["a"].classifier.weight, a.classifier.weight)
+    assert all(torch.equal(given.state_dict()[k], v) for k, v in kept.items())
+
+    with pytest.raises(ValueError, match=r"Expected 2 teacher checkpoints \(one per teacher, None to keep one as given\), but got 3"):
+        load_teacher([get_model("cnn1d"), get_model("cnn1d")], [tmp_path / "a.pt"] * 3)
+
+
+def test_a_per_member_dtype_with_integer_keys_trains(tmp_path):
+    """`{0: "bfloat16"}` (what a YAML list index gives) selects member "0", in load_teacher and through Speed."""
+    a, b = get_model("cnn1d").eval(), get_model("cnn1d").eval()
+    x = torch.randn(4, 40)
+    with torch.no_grad():
+        expected = 0.5 * copy.deepcopy(a).bfloat16()(x.bfloat16()).float() + 0.5 * b(x)
+    ensemble = load_teacher([copy.deepcopy(a), copy.deepcopy(b)], dtype={0: "bfloat16"})
+    assert ensemble.dtypes == {"0": torch.bfloat16}
+    assert {p.dtype for p in ensemble["0"].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ensemble["1"].parameters()} == {torch.float32}
+    assert torch.equal(ensemble(x), expected)
+
+    module = DistillationModule([a, b], get_model("mlp"), speed=Speed(teacher_dtype={0: "bfloat16"}))
+    assert {p.dtype for p in module.teacher["0"].parameters()} == {torch.bfloat16}
+    assert torch.equal(module.teacher_forward(x), expected)
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    fit = trainer(max_epochs=1, default_root_dir=tmp_path)
+    fit.fit(module, loader())
+    assert torch.isfinite(fit.callback_metrics["train/loss_epoch"])
+    assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
 
 
 def test_teacher_weights_need_several_teachers():
@@ -304,8 +419,8 @@ def test_methods_combined_under_bf16_mixed_give_float32_losses_close_to_fp32():
     for precision in ("32-true", "bf16-mixed"):
         L.seed_everything(0)
         teachers = [get_model("cnn1d").eval(), get_model("cnn1d").eval()]
-        module = DistillationModule(teachers, get_model("mlp"), soft_loss="dkd", learnable_temperature=True, alpha=0.5,
-                                    features={"fitnet": {"teacher_layers": ["0.features.3"], "student_layers": ["hidden.1"]}})
+        module = DistillationModule(teachers, get_model("mlp"), soft_loss=DKDLoss(temperature=LearnableTemperature(4.0)), alpha=0.5,
+                                    features={"fitnet": FeatureTerm(FitNetLoss(), "0.features.3", "hidden.1")})
         fit = trainer(precision=precision, max_steps=1, log_every_n_steps=1)
         fit.fit(module, loader(n=16, batch_size=16))
         metrics = fit.callback_metrics
@@ -334,8 +449,7 @@ def test_fitnet_with_a_linear_adapter_on_sequence_features():
             return self.head(torch.relu(self.body(self.embed(ids))))
 
     teacher, student = Seq(32), Seq(8)
-    module = DistillationModule(teacher, student, features={
-        "fitnet": {"teacher_layers": ["body"], "student_layers": ["body"], "adapter": "linear"}})
+    module = DistillationModule(teacher, student, features={"fitnet": FeatureTerm(FitNetLoss(adapter="linear"), "body", "body")})
     module.example_input_array = torch.randint(0, 11, (2, 5))
     module.setup("fit")
     adapter = module.feature_distillation.adapters["fitnet_0"]
@@ -346,5 +460,5 @@ def test_fitnet_with_a_linear_adapter_on_sequence_features():
     expected = fitnet_loss(adapter(student.body(student.embed(ids))), teacher.body(teacher.embed(ids)))
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     module.teardown("fit")
-    with pytest.raises(ValueError, match="Unknown `features\\['fitnet'\\].adapter` 'dense'"):
-        DistillationModule(teacher, student, features={"fitnet": {"teacher_layers": ["body"], "student_layers": ["body"], "adapter": "dense"}})
+    with pytest.raises(ValueError, match=r"Unknown adapter 'dense'. Expected one of auto, linear, conv"):
+        FitNetLoss(adapter="dense")
