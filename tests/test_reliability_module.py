@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_kd import DistillationModule, load_weights
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
 from lightning_kd.guards import NonFiniteError, ValueGuard
+from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, kd_loss
 from lightning_kd.losses.hard import cross_entropy_loss, mse_loss
 from lightning_kd.teachers import TeacherEnsemble
 
@@ -111,8 +112,20 @@ def test_teacher_weights_with_nan_are_refused_at_load(tmp_path):
     ids=["inf", "nan", "zero", "negative", "tensor_inf", "tensor_zero", "tensor_negative"],
 )
 def test_bad_temperature_is_refused(temperature):
-    with pytest.raises(ValueError, match="temperature"):
-        DistillationModule(nn.Linear(3, C), nn.Linear(3, C), temperature=temperature)
+    """Refused by the loss object, by the module's setter (the annealing callback's path) and by the functional loss.
+
+    A loss object takes a number (or a LearnableTemperature): a tensor is a TypeError there; the
+    functional twin takes tensors and checks their value.
+    """
+    error = TypeError if isinstance(temperature, torch.Tensor) else ValueError
+    with pytest.raises(error, match="`temperature`"):
+        KDLoss(temperature=temperature)
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), soft_loss=KDLoss(temperature=2.0))
+    with pytest.raises(error, match="`temperature`"):
+        module.temperature = temperature
+    assert module.temperature == 2.0  # the refused value left no trace
+    with pytest.raises(ValueError, match="Expected `temperature` to be"):
+        kd_loss(torch.randn(2, C), torch.randn(2, C), temperature)
 
 
 @pytest.mark.parametrize("weights", [[math.nan, 1.0], [math.inf, 1.0], [-1.0, 2.0], [0.0, 0.0]], ids=["nan", "inf", "negative", "zero_sum"])
@@ -129,12 +142,12 @@ def test_float16_true_precision_on_the_cpu_is_refused():
 
 
 # ---------------------------------------------------------------------------- targets
-@pytest.mark.parametrize("hard_loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("hard_loss", [HardCrossEntropyLoss, HardMSELoss], ids=["cross_entropy", "mse"])
 @pytest.mark.parametrize("bad", [C + 7, -5], ids=["too_large", "negative"])
 def test_out_of_range_target_on_a_later_batch_names_the_value_and_the_batch(hard_loss, bad):
     x, y = data()
     y[10] = bad  # batch 2: the first batch is fine, so a check of the first batch alone would miss it
-    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=hard_loss)
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=hard_loss())
     with pytest.raises(ValueError, match=rf"Expected class targets in \[0, {C}\) or -100 .* 1 target\(s\) at training step 2 \(batch 2 of epoch 0\) are out of range: {bad}\."):
         trainer().fit(module, loader(x, y))
 
@@ -307,14 +320,14 @@ def test_an_empty_batch_is_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
-@pytest.mark.parametrize("hard_loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("hard_loss", [HardCrossEntropyLoss, HardMSELoss], ids=["cross_entropy", "mse"])
 def test_integer_targets_of_any_width_train_as_int64(dtype, hard_loss):
     """int32/uint8 class indices give exactly the int64 run (they were a raw torch error)."""
     x, y = data()
     weights = []
     for targets in (y, y.to(dtype)):
         L.seed_everything(0, verbose=False)
-        module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=hard_loss)
+        module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=hard_loss())
         trainer().fit(module, loader(x, targets))
         weights.append(module.student.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
