@@ -1,6 +1,7 @@
-"""The soft-target store as a safe file format: it never deletes what it did not create, refuses manifests
-that break the schema, gives every file the user's umask, refuses iterable datasets from every entry point,
-never seals a store of non-finite teacher outputs, and reports a full disk instead of dying with SIGBUS."""
+"""The soft-target store as a safe file format: it never deletes what it did not create, says whether a folder
+holds a finished store without touching it, refuses manifests that break the schema, gives every file the user's
+umask, refuses iterable datasets from every entry point, never seals a store of non-finite teacher outputs, and
+reports a full disk instead of dying with SIGBUS."""
 
 from __future__ import annotations
 
@@ -167,13 +168,13 @@ FOREIGN = {
 @pytest.mark.parametrize("case", list(FOREIGN))
 def test_a_directory_that_is_not_our_unfinished_store_is_never_deleted(tmp_path, data, case):
     make, why = FOREIGN[case]
-    d = tmp_path / "cache"
+    d = tmp_path / "store"
     d.mkdir()
     make(d, data)
     before = snapshot(tmp_path)
     assert store_state(d) == "foreign"
-    with pytest.raises(FileExistsError, match=rf"The store path {re.escape(str(d))} \(`build_soft_targets\(path=...\)`, `cache.path`\) is not empty and is not a soft-target store.*{why}.*Nothing was deleted"):
-        prepare_store_path(d)  # what the cache stage calls instead of rmtree
+    with pytest.raises(FileExistsError, match=rf"The store path {re.escape(str(d))} \(`build_soft_targets\(path=...\)`\) is not empty and is not a soft-target store.*{why}.*Nothing was deleted"):
+        prepare_store_path(d)  # what the soft_targets stage calls instead of rmtree
     with pytest.raises(RuntimeError, match=rf"Refusing to remove {re.escape(str(d))}: .*{why}.*nothing was deleted"):
         remove_incomplete_store(d)
     with pytest.raises(FileExistsError, match=rf"{why}.*Nothing was deleted"):
@@ -182,7 +183,7 @@ def test_a_directory_that_is_not_our_unfinished_store_is_never_deleted(tmp_path,
 
 
 def test_a_path_that_is_a_file_is_refused_and_kept(tmp_path, data):
-    f = tmp_path / "cache"
+    f = tmp_path / "store"
     f.write_text("mine")
     assert store_state(f) == "foreign"
     with pytest.raises(FileExistsError, match=r"it is not a directory. Nothing was deleted"):
@@ -190,7 +191,7 @@ def test_a_path_that_is_a_file_is_refused_and_kept(tmp_path, data):
     assert f.read_text() == "mine"
 
 
-def test_a_cache_path_that_links_to_a_directory_is_used_and_a_broken_link_is_refused(tmp_path, data):
+def test_a_store_path_that_links_to_a_directory_is_used_and_a_broken_link_is_refused(tmp_path, data):
     (tmp_path / "scratch").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "scratch", target_is_directory=True)
     interrupted_store(data, tmp_path / "link")
@@ -204,7 +205,7 @@ def test_a_cache_path_that_links_to_a_directory_is_used_and_a_broken_link_is_ref
 
 
 def test_our_unfinished_store_is_removed_file_by_file_and_rebuilt_in_the_users_folder(tmp_path, data):
-    d = interrupted_store(data, tmp_path / "cache")
+    d = interrupted_store(data, tmp_path / "store")
     (tmp_path / "beside.txt").write_text("mine")  # next to the store: untouched
     with pytest.raises(RuntimeError, match=r"is incomplete: its build did not finish. Remove it with .*remove_incomplete_store"):
         SoftTargetStore(d)
@@ -220,7 +221,7 @@ def test_our_unfinished_store_is_removed_file_by_file_and_rebuilt_in_the_users_f
 
 
 def test_remove_incomplete_store_lists_what_it_removed_and_refuses_a_finished_store(tmp_path, data):
-    d = interrupted_store(data, tmp_path / "cache")
+    d = interrupted_store(data, tmp_path / "store")
     removed = {str(p.relative_to(d)) for p in remove_incomplete_store(d)}
     assert removed == {"manifest.json", "train", "train/logits.npy", "train/writes.npy"}
     assert remove_incomplete_store(d) == [] and remove_incomplete_store(tmp_path / "nowhere") == []
@@ -228,9 +229,69 @@ def test_remove_incomplete_store_lists_what_it_removed_and_refuses_a_finished_st
     before = snapshot(d)
     with pytest.raises(RuntimeError, match=r"Refusing to remove .*: it holds a finished soft-target store"):
         remove_incomplete_store(d)
-    with pytest.raises(FileExistsError, match=r"is not empty: it holds a finished soft-target store. Open it with `SoftTargetStore\(path\)`, or choose another `cache.path`. Nothing was deleted."):
+    with pytest.raises(FileExistsError, match=r"is not empty: it holds a finished soft-target store. Open it with `SoftTargetStore\(path\)`, or choose another path. Nothing was deleted."):
         build(data, d)
     assert snapshot(d) == before
+
+
+# ---------------------------------------------------------------------------------- is_complete: ask without touching
+def _finished(d, data):
+    build(data, d)
+
+
+def _interrupted(d, data):
+    interrupted_store(data, d)
+
+
+def _empty(d, data):
+    d.mkdir()
+
+
+def _missing(d, data):
+    pass
+
+
+def _a_file(d, data):
+    d.write_text("mine")
+
+
+def _broken_link(d, data):
+    d.symlink_to(d.parent / "nowhere")
+
+
+def _foreign(make):
+    def folder(d, data):
+        d.mkdir()
+        make(d, data)
+    return folder
+
+
+COMPLETENESS = {
+    "finished-store": (_finished, True),
+    "interrupted-build": (_interrupted, False),
+    "empty-folder": (_empty, False),
+    "missing-path": (_missing, False),
+    "a-file": (_a_file, False),
+    "broken-link": (_broken_link, False),
+    **{f"foreign-{case}": (_foreign(make), False) for case, (make, _) in FOREIGN.items()},
+}
+
+
+@pytest.mark.parametrize("case", list(COMPLETENESS))
+def test_is_complete_is_true_only_for_a_finished_store_and_touches_nothing(tmp_path, data, case):
+    make, expected = COMPLETENESS[case]
+    d = tmp_path / "store"
+    make(d, data)
+    before = snapshot(tmp_path)
+    assert SoftTargetStore.is_complete(d) is expected
+    assert SoftTargetStore.is_complete(str(d)) is expected
+    if expected:  # what it promises: the store opens and reads
+        with torch.no_grad():
+            assert torch.equal(SoftTargetStore(d).lookup("train", torch.arange(N)), Poisoned()(data.tensors[0]))
+    else:  # and what False means: it would not open
+        with pytest.raises((FileNotFoundError, RuntimeError)):
+            SoftTargetStore(d)
+    assert snapshot(tmp_path) == before  # asking (and opening) changes nothing, byte for byte
 
 
 # ---------------------------------------------------------------------------------- 2. the manifest's schema
@@ -362,7 +423,7 @@ def test_a_complete_format_1_store_is_still_read(built, data):
     del manifest["kind"]
     manifest["format"] = 1  # exactly what the previous version wrote
     (path / "manifest.json").write_text(json.dumps(manifest))
-    assert store_state(path) == "complete" and prepare_store_path(path) is True
+    assert store_state(path) == "complete" and prepare_store_path(path) is True and SoftTargetStore.is_complete(path)
     with torch.no_grad():
         assert torch.equal(SoftTargetStore(path).lookup("train", torch.arange(N)), Poisoned()(data.tensors[0]))
 
@@ -399,7 +460,7 @@ class StreamData(L.LightningDataModule):
         return DataLoader(Stream(), batch_size=4)
 
 
-ITERABLE = r"need a map-style dataset .*but training dataset 'train' is Stream \(an IterableDataset\). Distil online instead \(`distill.targets=online`\)"
+ITERABLE = r"need a map-style dataset .*but training dataset 'train' is Stream \(an IterableDataset\). Distil online instead \(without `soft_targets`\)"
 
 
 @pytest.mark.parametrize("entry", ["build_soft_targets", "with_soft_targets", "SoftTargetDataModule"])
@@ -472,7 +533,7 @@ def test_a_writer_whose_write_failed_never_seals(tmp_path, data):
 def test_too_little_free_space_is_refused_before_anything_is_written(tmp_path, data, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10))
-    with pytest.raises(OSError, match=rf"Not enough disk space for the soft-target store at {re.escape(str(tmp_path / 'st'))}: it needs \d+ bytes, 10 free \(`build_soft_targets\(path=...\)`, `cache.path`\).*Nothing was written") as info:
+    with pytest.raises(OSError, match=rf"Not enough disk space for the soft-target store at {re.escape(str(tmp_path / 'st'))}: it needs \d+ bytes, 10 free \(`build_soft_targets\(path=...\)`\).*Nothing was written") as info:
         build(data, tmp_path / "st")
     assert info.value.errno == errno.ENOSPC
     assert store_state(tmp_path / "st") == "missing"
@@ -488,7 +549,7 @@ def test_a_full_disk_while_allocating_leaves_a_removable_unsealed_store(tmp_path
     assert info.value.errno == errno.ENOSPC
     assert store_state(tmp_path / "st") == "incomplete"
     monkeypatch.undo()
-    assert prepare_store_path(tmp_path / "st") is False  # the cache stage removes it ...
+    assert prepare_store_path(tmp_path / "st") is False  # the soft_targets stage removes it ...
     build(data, tmp_path / "st")  # ... and builds again
     assert store_state(tmp_path / "st") == "complete"
 
