@@ -1,5 +1,6 @@
-"""The offline soft-target store: exact round trips, refusals (fingerprint, corruption, random views),
-replayed augmentation, and distillation from the store equal to online distillation."""
+"""The offline soft-target store: exact round trips, refusals (fingerprint, corruption, random views, losses that
+need full logits from a top-k store), replayed augmentation, CombinedLoaders, and distillation from the store equal
+to online distillation (bit for bit on the CPU)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_kd import DistillationModule
-from lightning_kd.soft_targets.build import build_soft_targets
+from lightning_kd import DistillationModule, Speed
 from lightning_kd.data.augment import RandomScale, RandomShift
+from lightning_kd.losses import DISTLoss, DKDLoss, JSDLoss, KDLoss, ReverseKLLoss, SkewKLLoss, SoftMSELoss, TopKLogits, kd_loss
 from lightning_kd.soft_targets.batches import SoftTargetBatch, SoftTargetDataModule, indexed_loader, with_soft_targets
+from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.soft_targets.store import SoftTargetStore
-from lightning_kd.losses import TopKLogits, kd_loss
+from lightning_kd.teacher_outputs import TeacherOutputs
 
 N, D, C, B = 96, 12, 7, 16
 
@@ -100,17 +102,17 @@ def test_float16_overflow_is_refused(tmp_path, data):
     teacher = make_teacher()
     with torch.no_grad():
         teacher[-1].weight.mul_(1e5)
-    with pytest.raises(ValueError, match=r"overflow `cache.dtype` 'float16'. Use one of: bfloat16, float32"):
+    with pytest.raises(ValueError, match=r"overflow `dtype` 'float16'. Use one of: bfloat16, float32"):
         build_soft_targets(teacher, loader(data), tmp_path / "st", dtype="float16", trainer=trainer())
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"dtype": "float64"}, r"Unknown `cache.dtype` 'float64'. Expected one of float16, bfloat16, float32."),
-        ({"top_k": 0}, r"Expected `cache.top_k` to be None or an int >= 1, but got 0"),
-        ({"epochs": 0}, r"Expected `cache.epochs` to be an int >= 1, but got 0"),
-        ({"epochs": 2}, r"`cache.epochs=2` records several views per sample, which only differ under augmentation"),
+        ({"dtype": "float64"}, r"Unknown `dtype` 'float64'. Expected one of float16, bfloat16, float32."),
+        ({"top_k": 0}, r"Expected `top_k` to be None or an int >= 1, but got 0"),
+        ({"epochs": 0}, r"Expected `epochs` to be an int >= 1, but got 0"),
+        ({"epochs": 2}, r"`epochs=2` records several views per sample, which only differ under augmentation"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, data, kwargs, match):
@@ -322,21 +324,75 @@ def fit_student(module, train_loader, epochs):
     return torch.cat([p.detach().flatten() for p in module.student.parameters()])
 
 
-def test_distilling_from_the_store_equals_online_distillation(tmp_path, data):
-    """float32 store: same batches, same teacher outputs, same loss code -> the same student."""
+class RecordsLosses(DistillationModule):
+    """Keeps every training step's ``{"loss", "soft", "hard"}`` (the values the optimizer steps on)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = []
+
+    def distillation_loss(self, student_out, teacher_out, targets):
+        losses = super().distillation_loss(student_out, teacher_out, targets)
+        self.steps.append({key: value.detach().clone() for key, value in losses.items()})
+        return losses
+
+
+@pytest.mark.parametrize("make_loss", [lambda: KDLoss(4.0), lambda: DKDLoss(4.0, alpha=1.0, beta=8.0)], ids=["KDLoss", "DKDLoss"])
+def test_distilling_from_the_store_equals_online_distillation(tmp_path, data, make_loss):
+    """float32 store: same batches, same teacher outputs, same loss code -> the same losses at every step and the
+    same student, bit for bit on the CPU (DKD takes its class targets from the batch, as online)."""
     teacher = make_teacher()
     store = build_soft_targets(teacher, loader(data), tmp_path / "st", dtype="float32", trainer=trainer())
     L.seed_everything(0)
-    online = fit_student(DistillationModule(teacher, make_student()), loader(data), 3)
+    online = RecordsLosses(teacher, make_student(), soft_loss=make_loss())
+    online_weights = fit_student(online, loader(data), 3)
     L.seed_everything(0)
-    cached = DistillationModule(None, make_student(), soft_targets=store)
-    assert cached.teacher is None  # no teacher in memory
-    offline = fit_student(cached, with_soft_targets(loader(data), store), 3)
-    torch.testing.assert_close(offline, online, rtol=1e-5, atol=1e-6)
+    offline = RecordsLosses(None, make_student(), soft_loss=make_loss(), soft_targets=store)
+    assert offline.teacher is None  # no teacher in memory
+    offline_weights = fit_student(offline, with_soft_targets(loader(data), store), 3)
+    assert len(online.steps) == 3 * (N // B)
+    for step, (a, b) in enumerate(zip(online.steps, offline.steps, strict=True)):
+        assert a.keys() == b.keys() == {"loss", "soft", "hard"}
+        assert all(torch.equal(a[key], b[key]) for key in a), (step, a, b)
+    assert online.steps[0]["soft"] > 0 and not torch.equal(online.steps[0]["soft"], online.steps[-1]["soft"])  # a real run
+    assert torch.equal(offline_weights, online_weights)
+
+
+@pytest.mark.parametrize(
+    ("make_loss", "name"),
+    [
+        (lambda: DKDLoss(), "DKDLoss"),
+        (lambda: KDLoss(standardize=True), "KDLoss with standardize=True"),
+        (lambda: DKDLoss(standardize=True), "DKDLoss with standardize=True"),
+        (lambda: DISTLoss(), "DISTLoss"),
+        (lambda: ReverseKLLoss(), "ReverseKLLoss"),
+        (lambda: JSDLoss(), "JSDLoss"),
+        (lambda: SkewKLLoss(), "SkewKLLoss"),
+        (lambda: SoftMSELoss(), "SoftMSELoss"),
+    ],
+    ids=["DKDLoss", "KDLoss-standardize", "DKDLoss-standardize", "DISTLoss", "ReverseKLLoss", "JSDLoss", "SkewKLLoss", "SoftMSELoss"],
+)
+def test_a_top_k_store_refuses_a_loss_that_needs_full_logits_naming_it(tmp_path, data, make_loss, name):
+    store = build(tmp_path, data, top_k=3)
+    with pytest.raises(ValueError, match=rf"^{name} needs full teacher outputs, but the soft-target store keeps only the top-3; "
+                                         r"only a loss that accepts top-k targets \(KDLoss\) distils from it"):
+        DistillationModule(None, make_student(), soft_loss=make_loss(), soft_targets=store)
+
+
+def test_a_top_k_store_distils_with_kd_loss(tmp_path, data):
+    """The accepted side of the refusal: the module's soft loss is the bucketed top-k KL of the stored targets."""
+    store = build(tmp_path, data, top_k=3)
+    module = RecordsLosses(None, make_student(), soft_loss=KDLoss(2.0), soft_targets=store)
+    first = next(iter(with_soft_targets(loader(data), store)))  # the loader's seeded generator: the run's first batch
+    trainer(max_steps=1).fit(module, train_dataloaders=with_soft_targets(loader(data), store))
+    x, _ = first.batch
+    targets = store.lookup("train", first.index)
+    assert isinstance(targets, TopKLogits)
+    assert torch.equal(module.steps[0]["soft"], kd_loss(make_student()(x), targets, 2.0).detach())  # the student before its step
 
 
 def test_replayed_augmentation_equals_online_augmentation(tmp_path, data):
-    """A cache recorded for 2 epochs of a random shift+scale replays the exact views: training for 4 epochs
+    """A store recorded for 2 epochs of a random shift replays the exact views: training for 4 epochs
     (views 0, 1, 0, 1) from it equals online training that draws the same (seed, epoch % 2, index) views."""
     aug = RandomShift(3)
     teacher = make_teacher()
@@ -352,13 +408,14 @@ def test_replayed_augmentation_equals_online_augmentation(tmp_path, data):
         assert torch.equal(store.lookup("train", torch.arange(N), epoch), expected)
     assert not torch.equal(store.lookup("train", torch.arange(N), 0), store.lookup("train", torch.arange(N), 1))
 
-    class CycledOnline(DistillationModule):  # online views keyed like the cache: (seed, epoch % 2, index)
-        def _augment(self, inputs, cached):
-            index = torch.cat([c.index for c in cached])
-            return self.augmentation.apply(inputs, self.augmentation.sample(7, self.current_epoch % 2, index).to(inputs.device))
+    class CycledViews(TeacherOutputs):  # online views keyed like the store: (seed, epoch % 2, index)
+        def view(self, inputs, indexed, epoch, step):
+            return super().view(inputs, indexed, epoch % 2, step)
 
     L.seed_everything(0)
-    online = fit_student(CycledOnline(teacher, make_student(), augmentation=aug, augmentation_seed=7), indexed_loader(loader(data), "train"), 4)
+    cycled = DistillationModule(teacher, make_student(), augmentation=aug, augmentation_seed=7)
+    cycled.teacher_outputs = CycledViews(aug, seed=7)  # the one seam where a training batch's view and teacher outputs come from
+    online = fit_student(cycled, indexed_loader(loader(data), "train"), 4)
     L.seed_everything(0)
     offline = fit_student(DistillationModule(None, make_student(), soft_targets=store, augmentation=aug, augmentation_seed=7),
                           with_soft_targets(loader(data), store), 4)
@@ -370,9 +427,10 @@ def test_online_augmentation_is_a_pure_function_of_seed_epoch_and_index(data):
     module = DistillationModule(make_teacher(), make_student(), augmentation=aug, augmentation_seed=3)
     batch = next(iter(indexed_loader(loader(data), "train")))
     x, _ = batch.batch
-    seen = module._augment(x, [batch])
+    seen = module.teacher_outputs.view(x, [batch], 0, 0)
     torch.testing.assert_close(seen, x * aug.sample(3, 0, batch.index))
-    assert torch.equal(seen, module._augment(x, [batch]))
+    assert torch.equal(seen, module.teacher_outputs.view(x, [batch], 0, 5))  # the sample index keys the draw, not the step
+    assert not torch.equal(seen, module.teacher_outputs.view(x, [batch], 1, 0))  # another epoch: another view
 
 
 def test_combined_loaders_map_to_parts_and_a_labeled_only_loader_reuses_its_part(tmp_path, data):
@@ -400,6 +458,53 @@ def test_combined_loaders_map_to_parts_and_a_labeled_only_loader_reuses_its_part
     torch.testing.assert_close(offline, online, rtol=1e-5, atol=1e-6)
 
 
+# batches of each loader: labeled 96 / 16 = 6, unlabeled 40 / 8 = 5; what each mode of a CombinedLoader yields
+MODES = {"max_size_cycle": 6, "max_size": 6, "min_size": 5, "sequential": 6 + 5}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_with_soft_targets_copies_a_combined_loader_and_keeps_its_mode(tmp_path, data, mode):
+    g = torch.Generator().manual_seed(9)
+    unlabeled = TensorDataset(torch.randn(40, D, generator=g))
+    teacher = make_teacher()
+    store = build_soft_targets(teacher, {"labeled": loader(data), "unlabeled": loader(unlabeled, batch_size=8)}, tmp_path / "st",
+                               dtype="float32", trainer=trainer())
+    first, second = loader(unlabeled, batch_size=8), loader(data)
+    users = CombinedLoader({"unlabeled": first, "labeled": second}, mode=mode)  # not the store's order
+    wrapped = with_soft_targets(users, store)
+
+    assert isinstance(wrapped, CombinedLoader) and wrapped is not users
+    assert list(users.iterables) == ["unlabeled", "labeled"]  # the user's loader is untouched: their own DataLoaders
+    assert users.iterables["unlabeled"] is first and users.iterables["labeled"] is second
+    assert users.flattened == [first, second]
+    assert list(wrapped.iterables) == ["unlabeled", "labeled"] and not set(map(id, wrapped.flattened)) & {id(first), id(second)}
+
+    got = [batch for batch, _, _ in wrapped]
+    assert len(got) == MODES[mode]  # the copy's mode: its batch count
+    if mode == "sequential":  # one loader after the other, each batch a single part's
+        assert [b.part for b in got] == ["unlabeled"] * 5 + ["labeled"] * 6
+        rows = {part: torch.cat([b.index for b in got if b.part == part]) for part in ("unlabeled", "labeled")}
+    else:  # a dict of both parts per batch; max_size pads the shorter one with None once it is exhausted
+        assert all(set(b) == {"unlabeled", "labeled"} for b in got)
+        assert all(b["labeled"].part == "labeled" for b in got)
+        parts = [b["unlabeled"] for b in got]
+        if mode == "max_size":
+            assert parts[5:] == [None]
+        assert all(p.part == "unlabeled" for p in parts[:5])
+        rows = {"unlabeled": torch.cat([p.index for p in parts[:5]]), "labeled": torch.cat([b["labeled"].index for b in got])}
+    if mode != "min_size":  # every sample of each part once per pass (min_size stops after the shorter loader)
+        assert torch.equal(rows["unlabeled"].sort().values, torch.arange(40))
+        assert torch.equal(rows["labeled"].sort().values, torch.arange(N))
+    for part, index in rows.items():  # each row carries its own sample: the store's targets are its teacher outputs
+        dataset, size = (unlabeled, 8) if part == "unlabeled" else (data, B)
+        assert torch.equal(store.lookup(part, index), sequential_outputs(teacher, dataset.tensors[0], batch_size=size)[index])
+
+    plain = [batch for batch, _, _ in users]  # the user's loader still yields their own batches, in its mode
+    assert len(plain) == MODES[mode]
+    assert not any(isinstance(b, SoftTargetBatch) or (isinstance(b, dict) and any(isinstance(v, SoftTargetBatch) for v in b.values()))
+                   for b in plain)
+
+
 def test_soft_target_datamodule_reads_through(tmp_path):
     from lightning_kd.data import MNIST1DDataModule
 
@@ -422,16 +527,16 @@ def test_bf16_teacher_beside_a_float32_student_under_32_true(data):
     fit_student(module, loader(data), 1)
     x = data.tensors[0][:4]
     assert module.teacher_forward(x).dtype == torch.bfloat16
-    forced = DistillationModule(make_teacher(), make_student(), teacher_dtype="bfloat16")
+    forced = DistillationModule(make_teacher(), make_student(), speed=Speed(teacher_dtype="bfloat16"))
     assert next(forced.teacher.parameters()).dtype == torch.bfloat16
     assert forced.teacher_forward(x).dtype == torch.bfloat16
     with pytest.raises(ValueError, match=r"Unknown `teacher_dtype` 'fp8'. Expected one of float32, bfloat16, float16 or None"):
-        DistillationModule(make_teacher(), make_student(), teacher_dtype="fp8")
+        Speed(teacher_dtype="fp8")
 
 
 # ---------------------------------------------------------------------------------- speed options
 def test_teacher_runs_in_its_own_dtype_outside_the_trainers_autocast(data):
-    module = DistillationModule(make_teacher(), make_student(), teacher_dtype="float32")
+    module = DistillationModule(make_teacher(), make_student(), speed=Speed(teacher_dtype="float32"))
     x = data.tensors[0][:4]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert module.teacher_forward(x).dtype == torch.float32  # autocast is off for the teacher
@@ -443,7 +548,7 @@ def test_channels_last_converts_conv_nets_and_inputs_without_changing_the_math()
     conv = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))  # noqa: E731
     teacher, student = conv().eval(), conv()
     reference = DistillationModule(teacher, student)
-    fast = DistillationModule(*(m for m in (teacher, student)), channels_last=True)
+    fast = DistillationModule(teacher, student, speed=Speed(channels_last=True))
     assert fast.student[0].weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(fast.teacher_forward(x), reference.teacher_forward(x))
@@ -453,7 +558,7 @@ def test_channels_last_converts_conv_nets_and_inputs_without_changing_the_math()
 def test_compile_in_place_keeps_checkpoint_keys_and_outputs(tmp_path, data):
     plain = make_student()
     keys = list(plain.state_dict())
-    module = DistillationModule(make_teacher(), make_student(), compile_student=True, compile_teacher=True)
+    module = DistillationModule(make_teacher(), make_student(), speed=Speed(compile_student=True, compile_teacher=True))
     assert list(module.student.state_dict()) == keys  # `.compile()` in place: no `_orig_mod.` prefix
     trainer(max_steps=2).fit(module, train_dataloaders=loader(data))
     x = data.tensors[0][:8]
