@@ -77,14 +77,13 @@ def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def run_command(args: list[str], cwd: Path, *, timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.CompletedProcess:
     """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
     env = {
         **os.environ,
         "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()),  # set by conftest.py
         "OMP_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",
-        **(env or {}),
     }
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out = communicate_or_kill(proc, timeout)
@@ -94,10 +93,10 @@ def run_command(args: list[str], cwd: Path, *, timeout: float, env: dict[str, st
     return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
-def lightning_kd(*args: str, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def lightning_kd(*args: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
     assert script is not None, "the `lightning-kd` console script is not installed next to this Python"
-    return run_command([script, *args], cwd, timeout=timeout, env=env)
+    return run_command([script, *args], cwd, timeout=timeout)
 
 
 class Crash(L.Callback):
@@ -432,9 +431,21 @@ def test_console_script_ddp_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_console_script_ddp_cpu_with_the_progress_bar(tmp_path):
-    """`callbacks=default` (the rich progress bar on rank 0 only), one teacher epoch."""
+    """`callbacks=default` (the rich progress bar on rank 0 only), one teacher epoch, without a deadlock.
+
+    The deadlock this guards against: a `sync_dist` epoch value that the progress bar reads on rank 0 only, so
+    rank 0 enters a collective the other rank never joins. A timeout on the whole run cannot tell that hang from
+    a slow, loaded machine (60 s failed under load). So the process group's own timeout detects it instead: a
+    collective that waits 300 s for the other rank fails the run with gloo's "Timed out waiting ... for recv".
+    That bound is on how long one rank waits for the other at one collective (under a second here), not on how
+    long the run takes, so a slow machine does not trip it. (`TORCH_DISTRIBUTED_DEBUG=DETAIL` would name the mismatched
+    collectives at once, but torch 2.13's DistributedDataParallel segfaults while it is being built under it.)
+    The run's own timeout is only a safety net for a hang of another kind.
+    """
     run_dir = tmp_path / "run"
-    lightning_kd("trainer=ddp_cpu", "task=teacher", "teacher.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=60)
+    per_collective = "{_target_:lightning.pytorch.strategies.DDPStrategy,timeout:{_target_:datetime.timedelta,seconds:300}}"
+    lightning_kd("trainer=ddp_cpu", f"trainer.strategy={per_collective}", "task=teacher", "teacher.epochs=1", f"hydra.run.dir={run_dir}",
+                 cwd=tmp_path, timeout=1200)
     assert list(read_report(run_dir)["entries"]) == ["teacher"]
 
 
