@@ -41,8 +41,11 @@ class FrozenTeacher:
         # that is itself in train mode keeps the modes its user chose for its submodules.
         if not self.student.training:  # type: ignore[attr-defined]
             self.student.train()  # type: ignore[attr-defined]
-        self.training = True  # the root only, without recursing into the teacher
         teacher = self.teacher  # type: ignore[attr-defined]
+        self.training = True  # the root, and every other child (losses, adapters, metrics), without recursing into the teacher
+        for child in self.children():  # type: ignore[attr-defined]
+            if child is not teacher and child is not self.student:  # type: ignore[attr-defined]
+                child.train()
         if teacher is None:
             return
         teacher.eval()

@@ -360,7 +360,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        return optim.configure(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler, self.trainer)
+        return optim.configure(self.trainable_parameters(), self.optimizer_factory, self.lr_scheduler, attached_trainer(self))
 
     @override
     def setup(self, stage: str) -> None:
@@ -393,7 +393,6 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     def on_fit_start(self) -> None:
         self._guard.every_n_steps = max(1, int(self.trainer.log_every_n_steps))
         super().on_fit_start()
-        self.metrics.train()
 
     @override
     def teardown(self, stage: str) -> None:

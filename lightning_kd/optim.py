@@ -39,6 +39,8 @@ def configure(params: list[torch.nn.Parameter], optimizer: Callable[[Any], torch
     if lr_scheduler is None:
         return optimizer
     if lr_scheduler == "cosine":
+        if trainer is None:
+            raise RuntimeError("lr_scheduler='cosine' needs the Trainer's run length: call `configure_optimizers` from a fit.")
         total = trainer.estimated_stepping_batches
         if total == float("inf"):
             raise RuntimeError("lr_scheduler='cosine' needs a finite run: set `max_epochs` or `max_steps`.")
