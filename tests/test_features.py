@@ -218,6 +218,9 @@ def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path)
                                                        weights_only=True)
     for key, value in module.feature_distillation.adapters.state_dict().items():
         assert torch.equal(restored.feature_distillation.adapters.state_dict()[key], value)
+    # the feature terms are not in the checkpoint (weights only): leaving them out is a loud error, not a silent drop
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"feature_distillation.adapters.fitnet_0"):
+        DistillationModule.load_from_checkpoint(ckpt, teacher=module.teacher, student=get_model("mlp"))
 
 
 def test_feature_loss_in_the_training_step_equals_the_functional_one():
@@ -383,6 +386,30 @@ def test_load_teacher_builds_a_weighted_ensemble_each_member_from_its_checkpoint
 
     with pytest.raises(ValueError, match=r"Expected 2 teacher checkpoints \(one per teacher, None to keep one as given\), but got 3"):
         load_teacher([get_model("cnn1d"), get_model("cnn1d")], [tmp_path / "a.pt"] * 3)
+
+
+def test_an_ensemble_run_reloads_its_teachers_from_the_recorded_checkpoints(tmp_path):
+    a, b = get_model("cnn1d"), get_model("cnn1d")
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    paths = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    module = DistillationModule([get_model("cnn1d"), get_model("cnn1d")], get_model("mlp"), teacher_checkpoint=paths, teacher_weights=[3, 1])
+    fit = trainer(max_epochs=1, default_root_dir=tmp_path, enable_checkpointing=True)
+    fit.fit(module, loader())
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("teacher.") for k in state["state_dict"])
+    assert state["hyper_parameters"]["teacher_checkpoint"] == paths and state["hyper_parameters"]["teacher_weights"] == [3, 1]
+    # fresh (random) members: each comes back from its recorded file, with the recorded weights
+    restored = DistillationModule.load_from_checkpoint(ckpt, teacher=[get_model("cnn1d"), get_model("cnn1d")], student=get_model("mlp"))
+    assert isinstance(restored.teacher, TeacherEnsemble) and restored.teacher.weights == {"0": 0.75, "1": 0.25}
+    for name, source in (("0", a), ("1", b)):
+        for key, value in source.state_dict().items():
+            assert torch.equal(restored.teacher[name].state_dict()[key], value), (name, key)
+    for key, value in module.student.state_dict().items():
+        assert torch.equal(restored.student.state_dict()[key], value), key
+    x = torch.randn(4, 40)
+    assert torch.equal(restored.teacher_forward(x), module.teacher_forward(x))
 
 
 def test_a_per_member_dtype_with_integer_keys_trains(tmp_path):
