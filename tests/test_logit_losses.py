@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from lightning_kd.losses import (
+    DISTLoss,
+    DKDLoss,
+    JSDLoss,
+    KDLoss,
     LearnableTemperature,
-    check_soft_loss,
-    compute_soft_loss,
+    ReverseKLLoss,
+    SkewKLLoss,
+    SoftMSELoss,
     dist_loss,
     dkd_loss,
     jsd_loss,
@@ -88,10 +93,11 @@ def ref_dkd(s, t, targets, alpha, beta, T, mask=None, standardize=False):
 
 
 def pearson(a, b):
+    """The authors' DIST code: eps added to the product of the norms (not a clamp of each)."""
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     num = sum((x - ma) * (y - mb) for x, y in zip(a, b))
     den = math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b))
-    return num / max(den, 1e-8)
+    return num / (den + 1e-8)
 
 
 def ref_dist(s, t, beta, gamma, T, mask=None):
@@ -275,21 +281,65 @@ def test_standardize_is_a_zscore_and_applies_to_every_logit_loss():
     assert dist_loss(s, t, standardize=True).item() == pytest.approx(dist_loss(zs, zt).item(), rel=1e-5)
 
 
-# ------------------------------------------------------------------ the registry
-def test_compute_soft_loss_dispatches_with_the_shared_settings_and_checks_options():
+# ------------------------------------------------------------------ options are constructor arguments
+def test_objects_pass_their_options_and_the_shared_settings_to_the_functions():
     s, t, y = logits((5, 6)), logits((5, 6)), torch.randint(0, 6, (5,))
-    assert compute_soft_loss("dkd", s, t, y, temperature=2.0, options={"beta": 3.0}).item() == pytest.approx(
-        dkd_loss(s, t, y, beta=3.0, temperature=2.0).item()
-    )
-    assert compute_soft_loss("jsd", s, t, temperature=2.0, scale_by_t2=False, options={"beta": 0.2}).item() == pytest.approx(
-        jsd_loss(s, t, beta=0.2, temperature=2.0, scale_by_t2=False).item()
-    )
-    with pytest.raises(ValueError, match=r"Unknown `soft_loss_options` \['gamma'\] for soft_loss='dkd'. Expected any of: alpha, beta"):
-        check_soft_loss("dkd", {"gamma": 1.0})
-    with pytest.raises(ValueError, match="Unknown `soft_loss` 'kld'. Expected one of kl, mse, reverse_kl, jsd, skew_kl, dkd, dist"):
-        check_soft_loss("kld", {})
-    with pytest.raises(ValueError, match="needs a target class"):
-        compute_soft_loss("dkd", s, t, None)
+    assert DKDLoss(2.0, beta=3.0)(s, t, y).item() == pytest.approx(dkd_loss(s, t, y, beta=3.0, temperature=2.0).item())
+    assert DKDLoss(2.0, beta=3.0)(s, t, y).item() == pytest.approx(ref_dkd(s, t, y, 1.0, 3.0, 2.0), rel=3e-6)
+    jsd = JSDLoss(2.0, beta=0.2, scale_by_t2=False)
+    assert jsd(s, t).item() == pytest.approx(jsd_loss(s, t, beta=0.2, temperature=2.0, scale_by_t2=False).item())
+    assert jsd(s, t).item() == pytest.approx(ref_pointwise(s, t, 2.0, ref_jsd(0.2), t2=False), rel=1e-6, abs=1e-6)
+    # an option is an attribute the annealing callback may set (`soft_loss.beta`): the next call uses it
+    dkd = DKDLoss(2.0, beta=3.0)
+    dkd.beta = 5.0
+    assert dkd(s, t, y).item() == pytest.approx(ref_dkd(s, t, y, 1.0, 5.0, 2.0), rel=3e-6)
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: DKDLoss(gamma=1), "gamma"),  # DIST's option, not DKD's
+        (lambda: DISTLoss(alpha=1.0), "alpha"),
+        (lambda: JSDLoss(skew=0.1), "skew"),
+        (lambda: SkewKLLoss(beta=0.5), "beta"),
+        (lambda: ReverseKLLoss(beta=0.5), "beta"),
+        (lambda: KDLoss(beta=8.0), "beta"),
+        (lambda: SoftMSELoss(temperature=2.0), "temperature"),  # no temperature at all
+        (lambda: SoftMSELoss(scale_by_t2=False), "scale_by_t2"),
+    ],
+    ids=["dkd-gamma", "dist-alpha", "jsd-skew", "skew_kl-beta", "reverse_kl-beta", "kd-beta", "mse-temperature", "mse-scale_by_t2"],
+)
+def test_a_wrong_option_is_pythons_own_type_error(build, name):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}'"):
+        build()
+
+
+def test_options_are_keyword_only():
+    with pytest.raises(TypeError, match="positional argument"):
+        KDLoss(4.0, False)
+    with pytest.raises(TypeError, match="positional argument"):
+        DKDLoss(4.0, 1.0, 8.0)
+
+
+@pytest.mark.parametrize(
+    "build, error, match",
+    [
+        (lambda: DKDLoss(beta=-1.0), ValueError, r"Expected `beta` to be a finite number >= 0, but got -1.0"),
+        (lambda: DKDLoss(alpha=math.nan), ValueError, r"Expected `alpha` to be a finite number >= 0, but got nan"),
+        (lambda: DISTLoss(gamma=-0.5), ValueError, r"Expected `gamma` to be a finite number >= 0, but got -0.5"),
+        (lambda: JSDLoss(beta=1.0), ValueError, r"Expected `beta` to be in \(0, 1\), but got 1.0"),
+        (lambda: SkewKLLoss(skew=1.0), ValueError, r"Expected `skew` to be in \[0, 1\), but got 1.0"),
+        (lambda: ReverseKLLoss(0.0), ValueError, r"Expected `temperature` to be > 0, but got 0.0"),
+        (lambda: KDLoss("4"), TypeError, r"Expected `temperature` to be a number or a LearnableTemperature, but got str"),
+        (lambda: KDLoss(True), TypeError, r"Expected `temperature` to be a number or a LearnableTemperature, but got bool"),
+        (lambda: KDLoss(torch.tensor(4.0)), TypeError, r"a number or a LearnableTemperature, but got Tensor"),
+    ],
+    ids=["dkd-beta", "dkd-alpha-nan", "dist-gamma", "jsd-beta", "skew", "temperature-zero", "temperature-str",
+         "temperature-bool", "temperature-tensor"],
+)
+def test_a_bad_value_raises_the_documented_error(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
 
 
 @pytest.mark.parametrize(
@@ -319,7 +369,8 @@ def test_learnable_temperature_starts_where_asked_and_moves_against_the_loss():
     module = LearnableTemperature(4.0, t_min=1.0, t_range=20.0)
     assert module().item() == pytest.approx(4.0, rel=1e-6)
     s, t = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 3.0, 0.0]])
-    T = module(1.0)
+    assert module.grl_weight == 1.0
+    T = module()
     loss = kd_loss(s, t, T)
     loss.backward()
     # gradient descent on theta moves T in the direction that *increases* the loss (reversed gradient)
@@ -328,7 +379,9 @@ def test_learnable_temperature_starts_where_asked_and_moves_against_the_loss():
         stepped.theta -= 0.1 * module.theta.grad
         assert kd_loss(s, t, stepped()).item() > loss.item()
     module.theta.grad = None
-    kd_loss(s, t, module(0.0)).backward()
+    module.grl_weight = 0.0  # the curriculum's start: T does not move
+    kd_loss(s, t, module()).backward()
     assert module.theta.grad.item() == 0.0
     with pytest.raises(ValueError, match=r"initial temperature to be in \(1.0, 21.0\)"):
         LearnableTemperature(0.5)
+
