@@ -385,3 +385,112 @@ def test_learnable_temperature_starts_where_asked_and_moves_against_the_loss():
     with pytest.raises(ValueError, match=r"initial temperature to be in \(1.0, 21.0\)"):
         LearnableTemperature(0.5)
 
+
+# ------------------------------------------------------------------ the objects: module == functional twin == reference
+REAL, PAD = 7, 3  # classes, then -inf columns in both models (a vocabulary padded from 7 to 10)
+MASK = torch.tensor([[True, False, True], [True, True, False]])  # (B, S) positions that count
+
+
+def ref_mse(s, t, mask=None, standardize=False):
+    def z(row):
+        if not standardize:
+            return row
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+        return [(v - mean) / (std + 1e-7) for v in row]
+
+    values = [sum((x - y) ** 2 for x, y in zip(z(a), z(b))) / len(a) for a, b in zip(rows(s), rows(t))]
+    return average(values, mask, 1.0)
+
+
+def central_differences(f, x, h=1e-6):
+    """The gradient of the float64 function ``f`` at ``x`` (float64) by central differences."""
+    grad = torch.zeros_like(x)
+    for i in range(x.numel()):
+        up, down = x.clone(), x.clone()
+        up.view(-1)[i] += h
+        down.view(-1)[i] -= h
+        grad.view(-1)[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+# (object, its functional twin with the same options, the float64 reference); non-default options throughout
+TWINS = {
+    "kd": (
+        lambda: KDLoss(2.5),
+        lambda s, t, y, m: kd_loss(s, t, 2.5, mask=m),
+        lambda s, t, y, m: ref_pointwise(s, t, 2.5, lambda ps, pt: kl(pt, ps), m),
+    ),
+    "kd-standardize-no-t2": (
+        lambda: KDLoss(2.0, scale_by_t2=False, standardize=True),
+        lambda s, t, y, m: kd_loss(s, t, 2.0, mask=m, scale_by_t2=False, standardize=True),
+        lambda s, t, y, m: ref_pointwise(s, t, 2.0, lambda ps, pt: kl(pt, ps), m, standardize=True, t2=False),
+    ),
+    "dkd": (
+        lambda: DKDLoss(2.0, alpha=0.5, beta=3.0),
+        lambda s, t, y, m: dkd_loss(s, t, y, alpha=0.5, beta=3.0, temperature=2.0, mask=m),
+        lambda s, t, y, m: ref_dkd(s, t, y, 0.5, 3.0, 2.0, m),
+    ),
+    "dist": (
+        lambda: DISTLoss(2.0, beta=2.0, gamma=0.5),
+        lambda s, t, y, m: dist_loss(s, t, beta=2.0, gamma=0.5, temperature=2.0, mask=m),
+        lambda s, t, y, m: ref_dist(s, t, 2.0, 0.5, 2.0, m),
+    ),
+    "reverse_kl": (
+        lambda: ReverseKLLoss(1.5),
+        lambda s, t, y, m: reverse_kl_loss(s, t, temperature=1.5, mask=m),
+        lambda s, t, y, m: ref_pointwise(s, t, 1.5, ref_reverse, m),
+    ),
+    "jsd": (
+        lambda: JSDLoss(2.0, beta=0.3),
+        lambda s, t, y, m: jsd_loss(s, t, beta=0.3, temperature=2.0, mask=m),
+        lambda s, t, y, m: ref_pointwise(s, t, 2.0, ref_jsd(0.3), m),
+    ),
+    "skew_kl": (
+        lambda: SkewKLLoss(2.0, skew=0.2),
+        lambda s, t, y, m: skew_kl_loss(s, t, skew=0.2, temperature=2.0, mask=m),
+        lambda s, t, y, m: ref_pointwise(s, t, 2.0, ref_skew(0.2), m),
+    ),
+    "mse": (
+        lambda: SoftMSELoss(),
+        lambda s, t, y, m: soft_mse_loss(s, t, mask=m),
+        lambda s, t, y, m: ref_mse(s, t, m),
+    ),
+    "mse-standardize": (
+        lambda: SoftMSELoss(standardize=True),
+        lambda s, t, y, m: soft_mse_loss(s, t, mask=m, standardize=True),
+        lambda s, t, y, m: ref_mse(s, t, m, standardize=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("case", list(TWINS))
+def test_module_equals_its_functional_twin_and_the_float64_reference(case, padded):
+    build, functional, reference = TWINS[case]
+    s, t = logits((2, 3, REAL)), logits((2, 3, REAL))
+    y = torch.randint(0, REAL, (2, 3))
+    y[1, 0] = -100  # a valid position without a label: DKD leaves it out, the others ignore targets
+    if padded:
+        pad = torch.full((2, 3, PAD), -math.inf)
+        s_in, t_in = torch.cat([s, pad], dim=-1), torch.cat([t, pad], dim=-1)
+    else:
+        s_in, t_in = s, t
+    a, b = s_in.clone().requires_grad_(True), s_in.clone().requires_grad_(True)
+    by_module = build()(a, t_in, y, mask=MASK)
+    by_function = functional(b, t_in, y, MASK)
+    by_module.backward()
+    by_function.backward()
+    # forward is one call of the function: bit for bit, values and gradients
+    assert torch.equal(by_module, by_function)
+    assert torch.equal(a.grad, b.grad)
+    # both against the float64 reference on the unpadded logits: a padded class is absent
+    expected = reference(s, t, y, MASK)
+    assert by_module.item() == pytest.approx(expected, rel=2e-5, abs=1e-6)
+    assert torch.isfinite(a.grad).all()
+    assert torch.equal(a.grad[..., REAL:], torch.zeros_like(a.grad[..., REAL:]))
+    assert torch.equal(a.grad[~MASK], torch.zeros_like(a.grad[~MASK]))  # a masked position gets no gradient
+    expected_grad = central_differences(lambda x: reference(x, t, y, MASK), s.double())
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(a.grad[..., :REAL].double(), expected_grad, rtol=1e-4, atol=1e-4 * scale)
+
