@@ -11,9 +11,11 @@ from lightning_kd.losses import (
     JSDLoss,
     KDLoss,
     LearnableTemperature,
+    LogitLoss,
     ReverseKLLoss,
     SkewKLLoss,
     SoftMSELoss,
+    TopKLogits,
     dist_loss,
     dkd_loss,
     jsd_loss,
@@ -493,4 +495,105 @@ def test_module_equals_its_functional_twin_and_the_float64_reference(case, padde
     expected_grad = central_differences(lambda x: reference(x, t, y, MASK), s.double())
     scale = expected_grad.abs().max().item()
     torch.testing.assert_close(a.grad[..., :REAL].double(), expected_grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+# ------------------------------------------------------------------ what a loss needs, declared on its class
+NEEDS = {  # needs_targets, uses_temperature, accepts_topk, compares_distributions
+    KDLoss: (False, True, True, True),
+    DKDLoss: (True, True, False, True),
+    DISTLoss: (False, True, False, True),
+    ReverseKLLoss: (False, True, False, True),
+    JSDLoss: (False, True, False, True),
+    SkewKLLoss: (False, True, False, True),
+    SoftMSELoss: (False, False, False, False),
+}
+
+
+@pytest.mark.parametrize("cls", list(NEEDS), ids=lambda c: c.__name__)
+def test_class_attributes_say_what_each_loss_needs(cls):
+    assert issubclass(cls, LogitLoss)
+    names = ("needs_targets", "uses_temperature", "accepts_topk", "compares_distributions")
+    assert tuple(getattr(cls, n) for n in names) == NEEDS[cls]
+    assert tuple(getattr(cls(), n) for n in names) == NEEDS[cls]  # the instance reads the class's
+    assert all(type(getattr(cls, n)) is bool for n in names)
+
+
+def test_dkd_without_targets_raises():
+    s, t = logits((4, 5)), logits((4, 5))
+    with pytest.raises(ValueError, match=r"DKDLoss needs a target class per position \(`targets`\), but got None"):
+        DKDLoss()(s, t)
+    with pytest.raises(ValueError, match="needs a target class"):
+        DKDLoss()(s, t, mask=torch.ones(4, dtype=torch.bool))
+
+
+def test_kd_accepts_topk_teacher_targets():
+    # KDLoss.accepts_topk: with every class kept, top-k targets are the full teacher
+    s, t = logits((6, 8)), logits((6, 8))
+    expected = ref_pointwise(s, t, 2.0, lambda ps, pt: kl(pt, ps))
+    assert KDLoss(2.0)(s, TopKLogits.from_logits(t, 8)).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------ the learnable temperature (CTKD)
+def test_learnable_temperature_starts_at_ctkds_theta_of_one():
+    module = LearnableTemperature()
+    assert module.theta.item() == 1.0  # CTKD's code initialises the parameter to one
+    assert module().item() == pytest.approx(1 + 20 / (1 + math.exp(-1)), rel=1e-6)  # 1 + 20 sigmoid(1) = 15.62
+    assert module.grl_weight == 1.0
+    other = LearnableTemperature(t_min=2.0, t_range=10.0)
+    assert other().item() == pytest.approx(2 + 10 / (1 + math.exp(-1)), rel=1e-6)
+
+
+@pytest.mark.parametrize("grl_weight", [1.0, 0.3])
+def test_learnable_temperature_gradient_is_the_float64_derivative_times_minus_grl_weight(grl_weight):
+    s, t = logits((6, 10)), logits((6, 10))
+    sigma = 1 / (1 + math.exp(-1.0))
+    T, dT_dtheta = 1 + 20 * sigma, 20 * sigma * (1 - sigma)  # at CTKD's start, theta = 1
+    for scale_by_t2, tolerance in ((False, dict(rel=1e-5)), (True, dict(rel=1e-2))):
+        temperature = LearnableTemperature(grl_weight=grl_weight)
+        KDLoss(temperature, scale_by_t2=scale_by_t2)(s, t).backward()
+        h = 1e-5
+
+        def ref(T_):
+            return ref_pointwise(s, t, T_, lambda ps, pt: kl(pt, ps), t2=scale_by_t2)
+
+        dL_dtheta = (ref(T + h) - ref(T - h)) / (2 * h) * dT_dtheta
+        # Tolerances: without T^2 float32 is within 4e-7 (100 seeds); T^2 KL at T = 15.6 is a small
+        # difference of two larger terms (2T KL + T^2 dKL/dT), where float32 is off by up to 3e-3.
+        assert temperature.theta.grad.item() == pytest.approx(-grl_weight * dL_dtheta, **tolerance)
+        assert temperature.theta.grad.item() * dL_dtheta < 0  # reversed: descent on theta increases the loss
+
+
+@pytest.mark.parametrize("cls", [c for c in NEEDS if c.uses_temperature], ids=lambda c: c.__name__)
+def test_a_loss_holding_a_learnable_temperature_trains_theta_and_refuses_to_be_set(cls):
+    s, t, y = logits((5, 6)), logits((5, 6)), torch.randint(0, 6, (5,))
+    loss = cls(LearnableTemperature(3.0))
+    assert [name for name, _ in loss.named_parameters()] == ["temperature.theta"]
+    assert list(loss.state_dict()) == ["temperature.theta"]
+    assert isinstance(loss.temperature, LearnableTemperature)
+    with pytest.raises(RuntimeError, match=r"The temperature is learned \(a LearnableTemperature\), so it cannot be set"):
+        loss.temperature = 2.0
+    assert isinstance(loss.temperature, LearnableTemperature)  # the refusal changed nothing
+    # the value is the loss at the temperature's current value, and theta gets a gradient
+    out = loss(s, t, y)
+    assert out.item() == pytest.approx(cls(3.0)(s, t, y).item(), rel=1e-5)
+    out.backward()
+    assert loss.temperature.theta.grad is not None and loss.temperature.theta.grad.item() != 0.0
+    # a float temperature can be set (annealed), and replaced by a learned one
+    plain = cls(3.0)
+    plain.temperature = 2.0
+    assert plain.temperature == 2.0 and plain(s, t, y).item() == cls(2.0)(s, t, y).item()
+    with pytest.raises(ValueError, match=r"Expected `temperature` to be > 0, but got -1.0"):
+        plain.temperature = -1.0
+    assert plain.temperature == 2.0
+    plain.temperature = LearnableTemperature()
+    assert [name for name, _ in plain.named_parameters()] == ["temperature.theta"]
+
+
+def test_soft_mse_has_no_temperature():
+    loss = SoftMSELoss()
+    with pytest.raises(AttributeError, match="SoftMSELoss has no temperature"):
+        loss.temperature = 2.0
+    with pytest.raises(AttributeError, match="SoftMSELoss has no temperature"):
+        loss.temperature = LearnableTemperature()
+    assert list(loss.parameters()) == []
 
