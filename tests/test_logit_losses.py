@@ -597,3 +597,42 @@ def test_soft_mse_has_no_temperature():
         loss.temperature = LearnableTemperature()
     assert list(loss.parameters()) == []
 
+
+# ------------------------------------------------------------------ DIST's Pearson correlation is the authors'
+def _authors_pearson(a, b):
+    """DIST's official code: ``(a*b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)`` on the centred rows."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+
+
+def _cosine_pearson(a, b):
+    """The same with ``torch.cosine_similarity``, which clamps each norm to eps instead."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return torch.cosine_similarity(a, b, dim=1, eps=1e-8)
+
+
+def _ref_dist_rows(s, t, beta, gamma, pearson_):
+    ps, pt = torch.softmax(s.double(), dim=1), torch.softmax(t.double(), dim=1)  # T = 1
+    return beta * (1 - pearson_(ps, pt).mean()) + gamma * (1 - pearson_(ps.T, pt.T).mean())
+
+
+@pytest.mark.parametrize(("beta", "gamma"), [(1.0, 0.0), (1.0, 1.0), (0.0, 1.0)], ids=["inter", "both", "intra"])
+def test_dist_pearson_adds_eps_to_the_norm_product_as_the_authors_code(beta, gamma):
+    # 32,000 classes near uniform: centred probabilities ~1e-6, so each row's norm product (~1e-7)
+    # is comparable with eps = 1e-8, and where eps sits changes the loss
+    s = torch.randn(4, 32_000) * 0.05
+    t = s + torch.randn(4, 32_000) * 0.025  # correlated with the student
+    x = s.clone().requires_grad_(True)
+    out = DISTLoss(beta=beta, gamma=gamma)(x, t)
+    out.backward()
+    assert out.item() == dist_loss(s, t, beta=beta, gamma=gamma).item()
+    s64 = s.double().requires_grad_(True)
+    expected = _ref_dist_rows(s64, t, beta, gamma, _authors_pearson)
+    expected.backward()
+    rel = 1e-5  # float32 is within 1.1e-6 of the reference (30 seeds)
+    assert out.item() == pytest.approx(expected.item(), rel=rel)
+    scale = s64.grad.abs().max().item()
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=1e-4, atol=1e-4 * scale)  # within 1.1e-5 of scale
+    # the difference is real: the cosine_similarity variant is off by far more than the tolerance
+    clamped = _ref_dist_rows(s, t, beta, gamma, _cosine_pearson).item()
+    assert abs(clamped - expected.item()) > 1000 * rel * abs(expected.item())
