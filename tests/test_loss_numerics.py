@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from lightning_kd.losses import (
+    DISTLoss,
+    DKDLoss,
+    JSDLoss,
     KDLoss,
     LearnableTemperature,
+    ReverseKLLoss,
+    SkewKLLoss,
     TopKLogits,
     cross_entropy_loss,
     dist_loss,
@@ -79,7 +84,7 @@ def ref_loss(name, s, t, y, T, keep, standardize):
     elif name == "dist":  # beta = gamma = 1
         def corr(a, b):
             a, b = a - a.mean(dim=-1, keepdim=True), b - b.mean(dim=-1, keepdim=True)
-            return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+            return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1) + 1e-8)  # the authors' eps
 
         inter = 1 - ref_mean(corr(ps, pt), keep)
         intra = 1 - corr(ps[keep].T, pt[keep].T).mean()
@@ -192,7 +197,7 @@ def test_topk_teacher_of_a_padded_vocabulary_is_the_full_kd(k, T):
 def test_learned_temperature_gets_the_unpadded_gradient():
     s, t, s_pad, t_pad, _ = padded_batch((6,))
     temperature = LearnableTemperature(4.0)
-    kd_loss(s_pad, t_pad, temperature()).backward()
+    KDLoss(temperature)(s_pad, t_pad).backward()
     # float64 reference on the unpadded logits; the gradient reversal flips the sign
     theta = temperature.theta.detach().double().requires_grad_(True)
     T = 1.0 + 20.0 * torch.sigmoid(theta)
@@ -270,9 +275,20 @@ def test_bad_temperature_is_refused(name, temperature, match):
         call(name, s, t, torch.tensor([0, 1]), temperature, None, False)
 
 
-def test_kd_module_refuses_an_infinite_temperature():
-    with pytest.raises(ValueError, match=r"Expected `temperature` to be a finite number > 0, but got inf"):
-        KDLoss(math.inf)
+TEMPERED_OBJECTS = [KDLoss, DKDLoss, DISTLoss, ReverseKLLoss, JSDLoss, SkewKLLoss]
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("cls", TEMPERED_OBJECTS, ids=lambda c: c.__name__)
+def test_kd_module_refuses_an_infinite_temperature(cls, value):
+    # every loss object, at construction and when the temperature is set (annealed) later
+    match = rf"Expected `temperature` to be a finite number > 0, but got {value}"
+    with pytest.raises(ValueError, match=match):
+        cls(value)
+    loss = cls(2.0)
+    with pytest.raises(ValueError, match=match):
+        loss.temperature = value
+    assert loss.temperature == 2.0
 
 
 def test_constant_tensor_temperature_is_read_and_equals_the_float():
@@ -308,6 +324,16 @@ BAD_OPTIONS = [
     (lambda s, t, y: LearnableTemperature(t_min=math.inf), r"Expected `t_min` to be a finite number > 0, but got inf", "ctkd-t_min-inf"),
     (lambda s, t, y: LearnableTemperature(t_range=math.nan), r"Expected `t_range` to be a finite number > 0, but got nan", "ctkd-t_range-nan"),
     (lambda s, t, y: LearnableTemperature(math.nan), r"Expected the initial temperature to be in \(1.0, 21.0\)", "ctkd-initial-nan"),
+    (lambda s, t, y: LearnableTemperature(grl_weight=math.nan), r"Expected `grl_weight` to be a finite number >= 0, but got nan", "ctkd-grl-nan"),
+    (lambda s, t, y: LearnableTemperature(grl_weight=-1.0), r"Expected `grl_weight` to be a finite number >= 0, but got -1.0", "ctkd-grl-negative"),
+    (lambda s, t, y: setattr(LearnableTemperature(), "grl_weight", math.inf), r"`grl_weight` to be a finite number >= 0, but got inf", "ctkd-grl-set-inf"),
+    # the objects check their options at construction, with the functions' messages
+    (lambda s, t, y: DKDLoss(alpha=math.nan), r"Expected `alpha` to be a finite number >= 0, but got nan", "DKDLoss-alpha-nan"),
+    (lambda s, t, y: DKDLoss(beta=math.inf), r"Expected `beta` to be a finite number >= 0, but got inf", "DKDLoss-beta-inf"),
+    (lambda s, t, y: DISTLoss(beta=math.nan), r"Expected `beta` to be a finite number >= 0, but got nan", "DISTLoss-beta-nan"),
+    (lambda s, t, y: DISTLoss(gamma=-0.5), r"Expected `gamma` to be a finite number >= 0, but got -0.5", "DISTLoss-gamma-negative"),
+    (lambda s, t, y: JSDLoss(beta=math.nan), r"Expected `beta` to be in \(0, 1\), but got nan", "JSDLoss-beta-nan"),
+    (lambda s, t, y: SkewKLLoss(skew=math.inf), r"Expected `skew` to be in \[0, 1\), but got inf", "SkewKLLoss-skew-inf"),
 ]
 
 
