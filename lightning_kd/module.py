@@ -152,9 +152,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.student = student
         self.teacher = None
         if teacher is not None:
+            check_not_shared(teacher, student)  # before anything is frozen or loaded: shared weights belong to the student too
             self.teacher = load_teacher(teacher, teacher_checkpoint, weights=teacher_weights, dtype=self.speed.teacher_dtype,
                                         missing_ok=LOADING_CHECKPOINT.get())
-            check_not_shared(self.teacher, student)
         elif teacher_weights is not None or teacher_checkpoint is not None:
             raise ValueError("`teacher_weights` / `teacher_checkpoint` describe a teacher, but `teacher` is None.")
         self.speed.apply(student, self.teacher)

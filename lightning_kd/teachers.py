@@ -117,9 +117,17 @@ def _load(model: nn.Module, path: PathLike, missing_ok: bool) -> None:
     load_weights(model, path)
 
 
-def check_not_shared(teacher: nn.Module, student: nn.Module) -> None:
-    """Refuse a teacher that is the student or shares parameters with it: freezing the teacher would
-    silently freeze those student parameters too, and "distilling" a model into itself teaches nothing."""
+def check_not_shared(teacher: Teachers, student: nn.Module) -> None:
+    """Refuse a teacher (or a member of several) that is the student or shares parameters with it: freezing
+    the teacher would silently freeze those student parameters too, and "distilling" a model into itself
+    teaches nothing. Call it before the teacher is frozen or loaded."""
+    if isinstance(teacher, (list, tuple, Mapping)):
+        for member in (teacher.values() if isinstance(teacher, Mapping) else teacher):
+            if isinstance(member, nn.Module):
+                check_not_shared(member, student)
+        return
+    if not isinstance(teacher, nn.Module):
+        return  # load_teacher names the wrong type
     if teacher is student:
         raise ValueError("Expected `teacher` and `student` to be two different models, but got the same object twice.")
     teacher_params = {id(p) for p in teacher.parameters()}
@@ -213,6 +221,9 @@ class TeacherEnsemble(nn.ModuleDict):
                 raise TypeError(f"Expected teacher {name!r} to be an nn.Module, but got {type(member).__name__}.")
         super().__init__(members)
         self.weights = _normalised_weights(list(members), weights)
+        # a buffer, so that the weights are part of the ensemble's state dict, hence of its fingerprint: a store or
+        # checkpoint made with other weights is another teacher
+        self.register_buffer("member_weights", torch.tensor([self.weights[name] for name in members], dtype=torch.float64))
         self.dtypes: dict[str, torch.dtype] = {}
         for name, dtype in ({str(k): v for k, v in dtypes.items()} if dtypes else {}).items():
             if name not in members:

@@ -61,7 +61,13 @@ class LogitLoss(nn.Module):
 
     @property
     def temperature(self) -> float | LearnableTemperature:
-        """The temperature: a float, or the :class:`LearnableTemperature` module that learns it."""
+        """The temperature: a float, or the :class:`LearnableTemperature` module that learns it.
+
+        Raises:
+            AttributeError: for a loss without a temperature (:class:`SoftMSELoss`).
+        """
+        if not self.uses_temperature:
+            raise AttributeError(f"{type(self).__name__} has no temperature (its logits enter the loss as they are).")
         return self._modules.get("temperature") or self._temperature
 
     def _set_temperature(self, value: float | LearnableTemperature) -> None:
