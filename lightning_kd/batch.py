@@ -28,7 +28,7 @@ _FORMATS = (
 )
 
 
-def split_cached(batch: Any) -> tuple[Any, list[SoftTargetBatch] | None]:
+def split_indexed(batch: Any) -> tuple[Any, list[SoftTargetBatch] | None]:
     """Take the sample indices off a batch from :func:`~lightning_kd.soft_targets.store.with_soft_targets`.
 
     Returns the user's batch as their DataLoader made it (a dict of them for a ``CombinedLoader``)
@@ -40,8 +40,8 @@ def split_cached(batch: Any) -> tuple[Any, list[SoftTargetBatch] | None]:
     if isinstance(batch, Mapping) and any(isinstance(v, SoftTargetBatch) for v in batch.values()):
         if not all(v is None or isinstance(v, SoftTargetBatch) for v in batch.values()):
             raise TypeError("A combined batch mixes loaders with and without soft targets; wrap all of them.")
-        cached = [v for v in batch.values() if v is not None]
-        return {k: (None if v is None else v.batch) for k, v in batch.items()}, cached
+        indexed = [v for v in batch.values() if v is not None]
+        return {k: (None if v is None else v.batch) for k, v in batch.items()}, indexed
     return batch, None
 
 

@@ -251,7 +251,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         """``(inputs, targets, student_out, teacher_out)`` of a batch, with the teacher's outputs and the class
         targets checked (``where`` names the batch in the errors). Training batches take their view and teacher
         outputs from ``teacher_outputs`` (online or stored), the others from the teacher's forward."""
-        batch, indexed = batch_utils.split_cached(batch)
+        batch, indexed = batch_utils.split_indexed(batch)
         inputs, targets = self.unpack_batch(batch)
         if batch_utils.is_empty(inputs):  # every mean over it would be NaN
             raise ValueError(f"The batch at {where} holds no sample: check the DataLoader (its sampler and `collate_fn`).")
@@ -379,7 +379,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         """One forward of both models in eval mode on an example batch, to see the hooked layers' shapes."""
         inputs = self.example_input_array
         if inputs is None:
-            inputs, _ = self.unpack_batch(batch_utils.split_cached(batch_utils.first_training_batch(self.trainer))[0])
+            inputs, _ = self.unpack_batch(batch_utils.split_indexed(batch_utils.first_training_batch(self.trainer))[0])
         student_mode = self.student.training
         self.student.eval()
         try:

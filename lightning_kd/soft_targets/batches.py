@@ -72,7 +72,7 @@ def indexed_loader(loader: DataLoader, part: str, *, sequential: bool = False, b
     """A copy of ``loader`` whose batches are :class:`SoftTargetBatch` es of ``part``.
 
     Sampler, batch size, workers and collate function are kept (``sequential=True`` instead visits
-    every sample once, in order, as a cache build needs).
+    every sample once, in order, as a store build needs).
     """
     if not isinstance(loader, DataLoader):
         raise TypeError(f"Expected a torch DataLoader for part {part!r}, but got {type(loader).__name__}.")

@@ -332,7 +332,7 @@ def build_soft_targets(
         ValueError: for an unknown ``dtype``, ``top_k < 1``, ``epochs < 1``, or ``epochs > 1``
             without augmentation.
         TypeError: if a training dataset is not map-style (an ``IterableDataset``): distil online.
-        RuntimeError: if a training dataset augments at random (the cache would hold other views), or
+        RuntimeError: if a training dataset augments at random (the store would hold other views), or
             the teacher gives NaN, +inf or an all -inf row (the store is left unsealed).
         FileExistsError: if ``path`` holds files (the message says whether a store, and which).
         OSError: ``ENOSPC`` if the disk has not enough space for the arrays (checked, and the blocks

@@ -314,7 +314,7 @@ def require_empty_store_path(path: str | os.PathLike[str]) -> None:
 
 
 def prepare_store_path(path: str | os.PathLike[str], *, remove_incomplete: bool = True) -> bool:
-    """Get ``path`` ready for a cache stage: True if it holds a finished store to reuse, else False (build it).
+    """Get ``path`` ready for a store build: True if it holds a finished store to reuse, else False (build it).
 
     An unfinished store of ours is removed with :func:`remove_incomplete_store` when ``remove_incomplete``
     (pass ``False`` on every process but the one that builds, e.g. ranks > 0).

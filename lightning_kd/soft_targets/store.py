@@ -113,7 +113,7 @@ def require_map_style(dataset: Any, name: str = "train") -> None:
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         kind = "an IterableDataset" if isinstance(dataset, IterableDataset) else "not map-style"
         raise TypeError(
-            f"Cached soft targets are keyed by sample index and need a map-style dataset (with `__getitem__` and "
+            f"Stored soft targets are keyed by sample index and need a map-style dataset (with `__getitem__` and "
             f"`__len__`), but training dataset {name!r} is {type(dataset).__name__} ({kind}). Distil online instead "
             "(without `soft_targets`), or give a map-style dataset."
         )
@@ -125,7 +125,7 @@ def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
     Raises:
         TypeError: for an ``IterableDataset`` (see :func:`require_map_style`).
         RuntimeError: if ``dataset[i]`` differs between two reads (random augmentation): targets
-            cached for one view would be silently reused for another.
+            stored for one view would be silently reused for another.
     """
     require_map_style(dataset, name)
     length = len(dataset)
@@ -137,7 +137,7 @@ def dataset_identity(dataset: Dataset, name: str = "train") -> dict[str, Any]:
         if not _same(first, second):
             raise RuntimeError(
                 f"The training dataset of part {name!r} ({type(_unwrap(dataset)).__name__}) returned two different "
-                f"samples for index {i}: it augments at random, so teacher outputs cached for one view would be "
+                f"samples for index {i}: it augments at random, so teacher outputs stored for one view would be "
                 "reused for another. Either remove the random transform from the dataset and pass a replayable "
                 "augmentation instead (`DistillationModule(augmentation=...)`, recorded for "
                 "`epochs` views), or distil online (without `soft_targets`)."
@@ -293,7 +293,7 @@ class SoftTargetStore:
         if recorded != given:
             raise RuntimeError(
                 f"Soft-target store {self.path} was recorded with augmentation {recorded}, but training uses "
-                f"{given}. Teacher outputs of other views would be reused: rebuild the cache with this "
+                f"{given}. Teacher outputs of other views would be reused: rebuild the store with this "
                 "augmentation or train with the recorded one."
             )
 
@@ -312,13 +312,13 @@ class SoftTargetStore:
         if closest is None:
             raise RuntimeError(
                 f"Soft-target store {self.path} holds no targets for training dataset {name!r}: its parts are "
-                f"{', '.join(parts)} and none has the same data. Rebuild the cache from this datamodule."
+                f"{', '.join(parts)} and none has the same data. Rebuild the store from this datamodule."
             )
         recorded = parts[closest]["identity"]
-        diffs = [f"{key}: cached {recorded.get(key)!r}, now {identity.get(key)!r}" for key in identity if identity[key] != recorded.get(key)]
+        diffs = [f"{key}: stored {recorded.get(key)!r}, now {identity.get(key)!r}" for key in identity if identity[key] != recorded.get(key)]
         raise RuntimeError(
             f"Soft-target store {self.path} (part {closest!r}) was built from other data than training dataset "
-            f"{name!r}; {'; '.join(diffs)}. Rebuild the cache for this data."
+            f"{name!r}; {'; '.join(diffs)}. Rebuild the store for this data."
         )
 
     # -- rows
