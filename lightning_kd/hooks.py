@@ -124,10 +124,6 @@ class FeatureHooks:
         self._handles = []
         self.clear()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def __enter__(self) -> "FeatureHooks":
         return self
 
