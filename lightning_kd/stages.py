@@ -184,8 +184,8 @@ def teachers(cfg: DictConfig, checkpoint: str | Path) -> dict[str, Any]:
     :func:`~lightning_kd.teachers.load_teacher`) turns into one ensemble.
 
     Raises:
-        ValueError: for an ``extra`` entry that is neither a path nor ``{model, checkpoint}``, or
-            ``teacher.weights`` that do not give one weight per teacher.
+        ValueError: for an ``extra`` entry that is neither a path nor ``{model, checkpoint}``, ``teacher.weights``
+            that do not give one weight per teacher, or a ``speed.teacher_dtype`` per teacher for one teacher.
     """
     models, paths = [hydra.utils.instantiate(cfg.teacher.model, _convert_="all")], [str(checkpoint)]
     extra = cfg.teacher.get("extra") or []
@@ -205,6 +205,11 @@ def teachers(cfg: DictConfig, checkpoint: str | Path) -> dict[str, Any]:
             f"{len(models)}), but got {len(weights)}. Set `teacher.weights=null` for their mean (with one teacher, always)."
         )
     several = len(models) > 1
+    if not several and isinstance(cfg.speed.get("teacher_dtype"), DictConfig):
+        raise ValueError(
+            f"Expected `speed.teacher_dtype` to be a dtype name for one teacher, but got one per teacher "
+            f"({OmegaConf.to_container(cfg.speed.teacher_dtype)}): add the others with `teacher.extra=[...]`, or give one name."
+        )
     return {"teacher": models if several else models[0], "teacher_checkpoint": paths if several else paths[0],
             "teacher_weights": None if weights is None else list(weights)}
 

@@ -444,3 +444,9 @@ def test_teacher_weights_that_do_not_fit_the_teachers_are_refused(compose_cfg, t
     cfg = compose_cfg(*overrides)
     with pytest.raises(ValueError, match=rf"Expected `teacher.weights` to hold one weight per teacher .*but got {count}\. Set `teacher.weights=null`"):
         stages.build_module(cfg, "student_distilled", _teacher_checkpoint(cfg, tmp_path))
+
+
+def test_a_dtype_per_teacher_for_one_teacher_is_refused_naming_the_config_keys(compose_cfg, tmp_path):
+    cfg = compose_cfg("speed.teacher_dtype={0:bfloat16}")
+    with pytest.raises(ValueError, match=r"Expected `speed.teacher_dtype` to be a dtype name for one teacher.*`teacher.extra=\[...\]`"):
+        stages.build_module(cfg, "student_distilled", _teacher_checkpoint(cfg, tmp_path))
