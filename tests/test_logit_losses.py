@@ -596,6 +596,7 @@ def test_soft_mse_has_no_temperature():
     with pytest.raises(AttributeError, match="SoftMSELoss has no temperature"):
         loss.temperature = LearnableTemperature()
     assert list(loss.parameters()) == []
+    assert not hasattr(loss, "temperature")  # not even to read: nothing can anneal or log one
 
 
 # ------------------------------------------------------------------ DIST's Pearson correlation is the authors'
