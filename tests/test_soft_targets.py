@@ -206,9 +206,9 @@ def test_other_data_is_refused_naming_what_differs(tmp_path, data):
     store = build(tmp_path, data)
     x, y = data.tensors
     changed = TensorDataset(x.clone().index_fill_(0, torch.tensor([0]), 0.0), y)
-    with pytest.raises(RuntimeError, match=r"was built from other data than training dataset 'train'; content_sha256: cached"):
+    with pytest.raises(RuntimeError, match=r"was built from other data than training dataset 'train'; content_sha256: stored"):
         with_soft_targets(loader(changed), store)
-    with pytest.raises(RuntimeError, match=r"length: cached 96, now 95"):
+    with pytest.raises(RuntimeError, match=r"length: stored 96, now 95"):
         with_soft_targets(loader(TensorDataset(x[:95], y[:95])), store)
 
 
@@ -239,7 +239,7 @@ def test_another_transform_is_refused(tmp_path, data):
     store = build_soft_targets(make_teacher(), loader(WithTransform(data, Scale(1.0))), tmp_path / "st", trainer=trainer())
     assert store.manifest["parts"]["train"]["identity"]["transform"] == "transform=Scale(1.0)"
     with_soft_targets(loader(WithTransform(data, Scale(1.0))), store)  # the same: accepted
-    with pytest.raises(RuntimeError, match=r"transform: cached 'transform=Scale\(1.0\)', now 'transform=Scale\(2.0\)'"):
+    with pytest.raises(RuntimeError, match=r"transform: stored 'transform=Scale\(1.0\)', now 'transform=Scale\(2.0\)'"):
         with_soft_targets(loader(WithTransform(data, Scale(2.0))), store)
 
 
@@ -261,7 +261,7 @@ def test_random_augmentation_in_the_dataset_is_refused(tmp_path, data):
     with pytest.raises(RuntimeError, match=r"returned two different samples for index 0: it augments at random"):
         build_soft_targets(make_teacher(), loader(RandomView(data)), tmp_path / "st", trainer=trainer())
     store = build(tmp_path, data)
-    with pytest.raises(RuntimeError, match=r"augments at random, so teacher outputs cached for one view would be reused"):
+    with pytest.raises(RuntimeError, match=r"augments at random, so teacher outputs stored for one view would be reused"):
         with_soft_targets(loader(RandomView(data)), store)
 
 
