@@ -14,11 +14,12 @@ model, hard_loss=...)``), so a user's subclass (``distill._target_=...``) trains
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import lightning as L
@@ -139,18 +140,38 @@ def build_store(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
         raise FileNotFoundError(
             f"Teacher checkpoint not found: {str(teacher_checkpoint)!r} (`teacher.checkpoint`). Nothing was built or removed."
         )
-    # Only an interrupted store of our own format, holding only our files, is removed (file by file).
-    prepare_store_path(path, remove_incomplete=rank_zero_only.rank == 0)
-    L.seed_everything(cfg.seed, workers=True)
-    module = build_module(cfg, "student_distilled", teacher_checkpoint, offline=False)  # its hooks, dtype, augmentation
-    trainer = build_trainer(cfg, "soft_targets", run_dir / "soft_targets", max_epochs=0)
-    started = time.perf_counter()
-    settings = cfg.soft_targets
-    store = build_soft_targets(module, hydra.utils.instantiate(cfg.data), path, dtype=settings.dtype, top_k=settings.top_k,
-                               epochs=int(settings.epochs), batch_size=settings.batch_size, trainer=trainer,
-                               teacher_checkpoint=str(teacher_checkpoint))
+    hint = (f"[lightning-kd: the store is `soft_targets.path={path}`, built with `soft_targets.dtype`, `.top_k`, "
+            "`.epochs` and `.batch_size`; `soft_targets.offline=false` distils online]")
+    with _config_hint(hint):  # the library's messages name build_soft_targets' arguments; a CLI user sets config keys
+        # Only an interrupted store of our own format, holding only our files, is removed (file by file).
+        prepare_store_path(path, remove_incomplete=rank_zero_only.rank == 0)
+        L.seed_everything(cfg.seed, workers=True)
+        module = build_module(cfg, "student_distilled", teacher_checkpoint, offline=False)  # its hooks, dtype, augmentation
+        trainer = build_trainer(cfg, "soft_targets", run_dir / "soft_targets", max_epochs=0)
+        started = time.perf_counter()
+        settings = cfg.soft_targets
+        store = build_soft_targets(module, hydra.utils.instantiate(cfg.data), path, dtype=settings.dtype, top_k=settings.top_k,
+                                   epochs=int(settings.epochs), batch_size=settings.batch_size, trainer=trainer,
+                                   teacher_checkpoint=str(teacher_checkpoint))
     log.info("Soft-target store %s built in %.1f s: %s", path, time.perf_counter() - started, store)
     return store
+
+
+@contextlib.contextmanager
+def _config_hint(hint: str) -> Iterator[None]:
+    """Add ``hint`` (the config keys behind the Python arguments) to a library error, same type, same cause."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is not None and err.strerror:  # e.g. ENOSPC: keep the errno
+            raise type(err)(err.errno, f"{err.strerror} {hint}") from err
+        raise type(err)(f"{err} {hint}") from err
+    except (ValueError, TypeError, RuntimeError) as err:
+        try:
+            with_hint = type(err)(f"{err} {hint}")
+        except TypeError:  # an exception type with its own constructor: keep it as it is
+            raise err from None
+        raise with_hint from err
 
 
 def open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetStore:
