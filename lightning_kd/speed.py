@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from lightning_kd._checks import check_bool
 from lightning_kd.teachers import DTYPES
 
 
@@ -26,6 +27,7 @@ class Speed:
 
     Raises:
         ValueError: for an unknown dtype name.
+        TypeError: for a switch that is not a bool (``"no"`` would switch it on).
     """
 
     teacher_dtype: str | Mapping[str, str | None] | None = None
@@ -34,6 +36,8 @@ class Speed:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
+        for setting in ("compile_student", "compile_teacher", "channels_last"):
+            check_bool(getattr(self, setting), setting)
         names = self.teacher_dtype.values() if isinstance(self.teacher_dtype, Mapping) else [self.teacher_dtype]
         for name in names:
             if name is not None and name not in DTYPES:

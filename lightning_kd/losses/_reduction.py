@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_kd._checks import check_bool
+
 
 Temperature = float | Tensor  # a Tensor for a learned temperature (CTKD), a 0-d or broadcastable one
 
@@ -62,7 +64,7 @@ def log_probs(logits: Tensor, temperature: Temperature = 1.0, *, standardize: bo
     Every logit loss goes through this one function. ``-inf`` logits give ``-inf``; a position
     whose logits are *all* ``-inf`` has no distribution and gives NaN.
     """
-    z = standardize_logits(logits) if standardize else logits.float()
+    z = standardize_logits(logits) if check_bool(standardize, "standardize") else logits.float()
     return torch.log_softmax(divide_by_temperature(z, temperature), dim=-1)
 
 
@@ -180,4 +182,4 @@ def masked_mean(per_position: Tensor, mask: Tensor | None, like: Tensor) -> Tens
 
 def scale_by_temperature(loss: Tensor, temperature: Temperature, enabled: bool) -> Tensor:
     """``T² · loss`` (Hinton et al.: keeps the gradient scale independent of ``T``) when ``enabled``."""
-    return loss * (temperature**2) if enabled else loss
+    return loss * (temperature**2) if check_bool(enabled, "scale_by_t2") else loss

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from lightning_kd._checks import check_bool
 from lightning_kd.losses._reduction import Temperature, check_temperature
 from lightning_kd.losses.ctkd import LearnableTemperature
 
@@ -37,7 +38,8 @@ class LogitLoss(nn.Module):
 
     Raises:
         ValueError: for a temperature that is not a finite number > 0.
-        TypeError: for a temperature that is neither a number nor a ``LearnableTemperature``.
+        TypeError: for a temperature that is neither a number nor a ``LearnableTemperature``, or a
+            ``scale_by_t2``/``standardize`` that is not a bool (``"no"`` would switch it on).
     """
 
     needs_targets: ClassVar[bool] = False
@@ -50,12 +52,14 @@ class LogitLoss(nn.Module):
         object.__setattr__(self, "_temperature", None)
         if self.uses_temperature:
             self.temperature = temperature
-        self.scale_by_t2 = bool(scale_by_t2)
-        self.standardize = bool(standardize)
+        self.scale_by_t2 = scale_by_t2
+        self.standardize = standardize
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "temperature":  # nn.Module would register a module value under the name, bypassing the checks
             self._set_temperature(value)
+        elif name in ("scale_by_t2", "standardize"):  # also when a schedule or a user sets it later
+            super().__setattr__(name, check_bool(value, name))
         else:
             super().__setattr__(name, value)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_kd._checks import check_number
+
 
 def _check_batch(student: Tensor, teacher: Tensor, method: str) -> None:
     if student.shape[0] != teacher.shape[0]:
@@ -241,7 +243,9 @@ class ATLoss(nn.Module):
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
-        self.p = float(p)
+        self.p = check_number(p, "p")
+        if not (math.isfinite(self.p) and self.p > 0):  # |f|^p with p <= 0 is 1 or infinite where f = 0: no attention
+            raise ValueError(f"Expected `p` to be a finite number > 0 (Zagoruyko & Komodakis use 2), but got {p}.")
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         return at_loss(student_feature, teacher_feature, p=self.p)
@@ -264,7 +268,10 @@ class RKDLoss(nn.Module):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
-        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        self.distance_weight, self.angle_weight = check_number(distance_weight, "distance_weight"), check_number(angle_weight, "angle_weight")
+        for name, value in (("distance_weight", self.distance_weight), ("angle_weight", self.angle_weight)):
+            if not (math.isfinite(value) and value >= 0):  # a negative weight would reward the student for moving away
+                raise ValueError(f"Expected `{name}` to be a finite number >= 0 (Park et al. use 25 and 50), but got {value}.")
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
         return rkd_loss(student_feature, teacher_feature, distance_weight=self.distance_weight, angle_weight=self.angle_weight)

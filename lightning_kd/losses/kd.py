@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_kd._checks import check_bool
 from lightning_kd.losses._reduction import (
     Temperature,
     check_pair,
@@ -47,7 +48,7 @@ def kl_per_position(
     """
     log_p_s = log_probs(student_logits, temperature, standardize=standardize)
     if isinstance(teacher_logits, TopKLogits):
-        if standardize:
+        if check_bool(standardize, "standardize"):
             raise ValueError("`standardize=True` needs the teacher's full logits, but got top-k teacher targets.")
         log_p_t = topk_log_probs(teacher_logits, student_logits.shape[-1], temperature)
         log_p_s = collapse_student(log_p_s, teacher_logits.indices)
@@ -149,7 +150,7 @@ def soft_mse_loss(
     """
     check_pair(student_logits, teacher_logits)
     absent = masked_in_both(student_logits, teacher_logits)
-    if standardize:  # compare the z-scored logits (logit standardisation)
+    if check_bool(standardize, "standardize"):  # compare the z-scored logits (logit standardisation)
         student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     diff = torch.where(absent, 0.0, student_logits.float() - teacher_logits.float())
     present = (~absent).sum(dim=-1).clamp(min=1)
