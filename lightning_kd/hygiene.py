@@ -10,6 +10,8 @@ import pickle
 import warnings
 from typing import IO, Any
 
+from torch import nn
+
 from lightning_kd.checkpoint import LOADING_CHECKPOINT, CheckpointError, fingerprint, load_checkpoint
 
 
@@ -103,7 +105,8 @@ class FrozenTeacher:
             ValueError: for ``weights_only=False``.
             FileNotFoundError: if ``checkpoint_path`` does not exist.
             CheckpointError: for an empty, truncated or non-torch file, or one holding pickled objects.
-            RuntimeError: if the teacher does not match the checkpoint's fingerprint.
+            RuntimeError: if the teacher does not match the checkpoint's fingerprint (or runs in another dtype).
+            ValueError: if ``soft_loss``, ``hard_loss`` or ``features`` differ from those the checkpoint was trained with.
         """
         if weights_only is not True:
             raise ValueError(
@@ -128,6 +131,8 @@ class FrozenTeacher:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+        if self.teacher is not None:  # type: ignore[attr-defined]
+            checkpoint["teacher_dtypes"] = _float_dtypes(self.teacher)  # type: ignore[attr-defined]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = checkpoint.get("teacher_fingerprint")
@@ -136,6 +141,13 @@ class FrozenTeacher:
         if expected is None or teacher is None or has_teacher_keys:
             return
         actual = fingerprint(teacher)
+        saved_dtypes, dtypes = checkpoint.get("teacher_dtypes"), _float_dtypes(teacher)
+        if actual != expected and saved_dtypes is not None and saved_dtypes != dtypes:
+            raise RuntimeError(
+                f"The teacher given to this module runs in {', '.join(dtypes)}, but the checkpoint was trained with it in "
+                f"{', '.join(saved_dtypes)} (the fingerprint covers dtypes). Give the same `speed=Speed(teacher_dtype=...)` "
+                "as the run that wrote the checkpoint."
+            )
         if actual != expected:
             raise RuntimeError(
                 "The teacher given to this module is not the one the checkpoint was trained with (its weights "
@@ -143,6 +155,11 @@ class FrozenTeacher:
                 "`teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or save checkpoints with "
                 "`keep_teacher_in_checkpoint=True`."
             )
+
+
+def _float_dtypes(model: nn.Module) -> list[str]:
+    """The floating dtypes of a model's state dict, sorted (``["torch.bfloat16"]``)."""
+    return sorted({str(t.dtype) for t in model.state_dict().values() if t.is_floating_point()})
 
 
 def attached_trainer(module: Any) -> Any:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_kd._checks import check_bool, check_number
 from lightning_kd import batch as batch_utils
 from lightning_kd import optim
 from lightning_kd.checkpoint import LOADING_CHECKPOINT, allow_missing_teacher_keys, drop_teacher_keys, fingerprint, plain
@@ -131,6 +133,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         if not callable(self.hard_loss):
             raise TypeError(f"Expected `hard_loss` to be a callable (outputs, targets) -> loss, but got {type(self.hard_loss).__name__}.")
         optim.check_lr_scheduler(lr_scheduler)
+        if optimizer is not None and (isinstance(optimizer, str) or not callable(optimizer)):
+            raise TypeError(
+                f"Expected `optimizer` to be a partial params -> Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.1)), "
+                f"but got {optimizer!r}."
+            )
+        if features is not None and not isinstance(features, Mapping):
+            raise TypeError(f"Expected `features` to be a dict {{key: FeatureTerm(...)}}, but got {type(features).__name__}.")
         self.speed = speed or Speed()
         if not isinstance(self.speed, Speed):
             raise TypeError(f"Expected `speed` to be a lightning_kd.Speed, but got {type(self.speed).__name__}.")
@@ -138,7 +147,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.soft_weight = soft_weight
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
-        self.keep_teacher_in_checkpoint = keep_teacher_in_checkpoint
+        self.keep_teacher_in_checkpoint = check_bool(keep_teacher_in_checkpoint, "keep_teacher_in_checkpoint")
         self.teacher_checkpoint = plain(teacher_checkpoint)
         store = None if soft_targets is None else open_store(soft_targets)
         # Only plain values go to the hyperparameters (checkpoints load with weights_only=True); the objects
@@ -160,8 +169,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.speed.apply(student, self.teacher)
         self.feature_distillation: FeatureDistillation | None = None
         if features:
+            if store is not None:
+                raise ValueError(
+                    "Feature terms need the teacher's forward on every training batch, but with `soft_targets` the "
+                    "teacher's outputs come from the store (logits only). Drop `soft_targets` to train with `features`."
+                )
             if self.teacher is None:
-                raise ValueError("Feature terms need the teacher's activations: pass a teacher (they cannot come from `soft_targets`).")
+                raise ValueError("Feature terms need the teacher's activations: pass a `teacher`.")
             self.feature_distillation = FeatureDistillation(self.teacher, student, features)
         self.augmentation = augmentation
         self.augmentation_seed = int(augmentation_seed)
@@ -169,6 +183,10 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.teacher_outputs.check_loss(self.soft_loss)
         if store is not None and self.teacher is not None:
             store.check_teacher(fingerprint(self.teacher))
+        # What the objective is made of, as constructed (before any annealing): recorded in checkpoints and
+        # compared on load, so that a module rebuilt without them does not silently train or evaluate another one.
+        self._objectives = {"soft_loss": describe(self.soft_loss), "hard_loss": describe(self.hard_loss),
+                            "features": {key: describe(term) for key, term in (features or {}).items()}}
         self._teacher_acc_logged = False
         self._guard = ValueGuard()  # non-finite teacher outputs and losses, out-of-range targets
         self.register_state_dict_post_hook(drop_teacher_keys)
@@ -181,6 +199,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         return getattr(self.teacher_outputs, "store", None)
 
     # ------------------------------------------------------------------ settings the callback anneals
+    #: Two names of one attribute, for :class:`~lightning_kd.callbacks.DistillationAnnealing` (one schedule each).
+    annealing_aliases: ClassVar[dict[str, str]] = {"temperature": "soft_loss.temperature"}
+
     @property
     def temperature(self) -> float:
         """The soft loss's temperature (the current learned value for a ``LearnableTemperature``)."""
@@ -198,6 +219,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
+        check_number(value, "alpha")
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"Expected `alpha` to be in [0, 1], but got {value}.")
         self._alpha = float(value)
@@ -208,6 +230,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @soft_weight.setter
     def soft_weight(self, value: float) -> None:
+        check_number(value, "soft_weight")
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"Expected `soft_weight` to be a finite number >= 0, but got {value}.")
         self._soft_weight = float(value)
@@ -406,11 +429,41 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         super().on_save_checkpoint(checkpoint)
         if self.feature_distillation is not None:
             checkpoint["feature_adapters"] = self.feature_distillation.adapter_shapes
+        checkpoint["distillation_objectives"] = self._objectives
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_objectives(checkpoint.get("distillation_objectives"))
         shapes = checkpoint.get("feature_adapters")
         if shapes and self.feature_distillation is not None and not self.feature_distillation.adapter_shapes:
             self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
         super().on_load_checkpoint(checkpoint)
 
+    def _check_objectives(self, saved: Any) -> None:
+        """Refuse a checkpoint trained with another soft loss, hard loss or feature terms than this module has."""
+        if not isinstance(saved, Mapping):  # older checkpoints recorded nothing
+            return
+        differ = [f"{name}: trained with {saved[name]!r}, this module has {mine!r}"
+                  for name, mine in self._objectives.items() if name in saved and saved[name] != mine]
+        if differ:
+            raise ValueError(
+                "The checkpoint was trained with another objective than this module's:\n  " + "\n  ".join(differ) + "\n"
+                "Give the same objects again (e.g. `DistillationModule.load_from_checkpoint(path, soft_loss=DKDLoss(beta=8.0))`, "
+                "or the same constructor arguments when resuming with `trainer.fit(..., ckpt_path=path)`). To start a new "
+                "run from these weights, load the student's state dict instead."
+            )
+
+
+def describe(obj: Any) -> str:
+    """A one-line description of a loss or feature term that is the same in every process (no memory addresses)."""
+    if isinstance(obj, partial):
+        text = f"partial({describe(obj.func)}, *{obj.args!r}, **{obj.keywords!r})"
+    elif isinstance(obj, (nn.Module, FeatureTerm)):
+        text = repr(obj)
+    elif hasattr(obj, "__qualname__"):
+        text = f"{obj.__module__}.{obj.__qualname__}"
+    else:
+        text = repr(obj)
+    if " at 0x" in text:  # a default repr: the type is all that is stable
+        text = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return " ".join(text.split())
