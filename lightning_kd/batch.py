@@ -65,8 +65,18 @@ def unpack(batch: Any) -> tuple[Any, Tensor | None]:
             target_key = next((k for k in _TARGET_KEYS if k in batch), None)
             return batch[input_key], (batch[target_key] if target_key is not None else None)
         parts = [v for v in batch.values() if v is not None]  # CombinedLoader "max_size" pads with None
-        if parts and all(isinstance(v, (tuple, list, Tensor, Mapping)) for v in parts):
+        # A dict of batches has at least one batch that is itself a container; a dict of bare tensors under
+        # unknown keys ({"pixel_values": ..., "label": ...}) is one batch whose keys we do not know.
+        is_combined = any(isinstance(v, (tuple, list, Mapping)) for v in parts)
+        if is_combined and all(isinstance(v, (tuple, list, Tensor, Mapping)) for v in parts):
             return concat([unpack(v) for v in parts])
+        if parts and not is_combined:
+            raise TypeError(
+                f"Cannot unpack a dict batch with keys {sorted(map(str, batch))}: none is an input key "
+                f"({', '.join(_INPUT_KEYS)}). Rename the keys in your dataset/collate function, or subclass "
+                "DistillationModule and override `unpack_batch(batch) -> (inputs, targets)`. (A CombinedLoader's "
+                "batch is a dict of batches: give its unlabeled loader `(inputs,)` batches.)"
+            )
     kind = f"{type(batch).__name__} of length {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
     raise TypeError(
         f"Cannot unpack a batch of type {kind}. Expected {_FORMATS}. For any other format, subclass "
