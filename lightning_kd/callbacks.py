@@ -158,7 +158,7 @@ class DistillationAnnealing(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Not `on_fit_start`: on resume `global_step` is only restored by now.
         self._check_module(pl_module)
-        self._check_no_overlap(trainer)
+        self._check_no_overlap(trainer, pl_module)
         self._horizons = {path: self._horizon(trainer, path, schedule) for path, schedule in self.schedules.items()}
         for path, schedule in self.schedules.items():
             # Evaluate at the horizon once so that a schedule that cannot run on it fails now.
@@ -222,17 +222,22 @@ class DistillationAnnealing(Callback):
                 f" registered value would be replaced). Either {fix}, or remove `{path}` from the callback"
             )
 
-    def _check_no_overlap(self, trainer: Trainer) -> None:
-        mine = set(self.schedules)
-        for callback in trainer.callbacks:
-            if callback is self or not isinstance(callback, DistillationAnnealing):
-                continue
-            shared = sorted(mine & set(callback.schedules))
-            if shared:
-                raise RuntimeError(
-                    f"Two `DistillationAnnealing` callbacks anneal {shared}: each attribute may have one schedule."
-                    " Remove it from one of them"
-                )
+    def _check_no_overlap(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A module names its aliases (`DistillationModule.temperature` is `soft_loss.temperature`): two names
+        # of one attribute are one attribute, and two schedules would fight over it step by step.
+        aliases = getattr(pl_module, "annealing_aliases", {})
+        owners: dict[str, str] = {}
+        for callback in [self, *(c for c in trainer.callbacks if c is not self and isinstance(c, DistillationAnnealing))]:
+            for path in callback.schedules:
+                key = canonical_path(path, aliases)
+                if key in owners:
+                    names = sorted({owners[key], path})
+                    where = "in one callback" if callback is self else "in two `DistillationAnnealing` callbacks"
+                    raise RuntimeError(
+                        f"{' and '.join(f'`{n}`' for n in names)} {'name one attribute' if len(names) > 1 else 'is annealed twice'}"
+                        f" {where}: each attribute may have one schedule. Remove one of them"
+                    )
+                owners[key] = path
 
     def _horizon(self, trainer: Trainer, path: str, schedule: Schedule) -> int:
         if schedule.total is not None:
@@ -251,3 +256,11 @@ class DistillationAnnealing(Callback):
                 f" {type(schedule).__name__}(..., total=N)"
             )
         return int(total)
+
+
+def canonical_path(path: str, aliases: Mapping[str, str]) -> str:
+    """``path`` with a leading alias replaced by what it names (``temperature`` -> ``soft_loss.temperature``)."""
+    for alias, target in aliases.items():
+        if path == alias or path.startswith(alias + "."):
+            return target + path[len(alias):]
+    return path
