@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,11 +39,14 @@ def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -
     settings = {stage: runs.setting(runs.stage_record(cfg, stage, teacher={} if stage == "teacher" and given else None))
                 for stage in entries}
     soft_loss = OmegaConf.to_container(cfg.distill.soft_loss, resolve=True)
+    annealed = stages.annealed(cfg)  # an annealed value is its schedule, not the value the config starts from
     meta = {
         "seed": cfg.seed,
         "method": soft_loss.get("_target_"),
-        "temperature": soft_loss.get("temperature"),  # a learned one: its LearnableTemperature settings
-        "alpha": cfg.distill.alpha,
+        # a learned one: its LearnableTemperature settings
+        "temperature": annealed.get("distill.soft_loss.temperature", soft_loss.get("temperature")),
+        "alpha": annealed.get("distill.alpha", cfg.distill.alpha),
+        "annealed": annealed,
         "teacher": cfg.teacher.model.get("name", cfg.teacher.model.get("_target_")),
         "student": cfg.student.model.get("name", cfg.student.model.get("_target_")),
         "precision": cfg.trainer.get("precision"),
@@ -68,9 +72,28 @@ def _quiet_lightning() -> Iterator[None]:
         rank_zero.removeFilter(litlogger)
 
 
+def check_overrides(cfg: DictConfig, overrides: list[str], schedule: str | None) -> None:
+    """Refuse a command-line value that the chosen ``schedule`` would replace from the first step.
+
+    Raises:
+        ValueError: naming the override, the schedule and how to set its value instead.
+    """
+    annealed = stages.annealed(cfg)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in annealed:
+            raise ValueError(
+                f"`{key}` is set on the command line, but `schedule={schedule}` anneals it ({annealed[key]}), "
+                "replacing the value from the first step. Drop the override and set the schedule's own values instead "
+                "(its `start`/`end` under `schedule.`; `lightning-kd --cfg job` shows them), or choose `schedule=null`."
+            )
+
+
 def _entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path="pkg://lightning_kd.conf", config_name="config")
     def wrapped(cfg: DictConfig) -> None:
+        hydra_cfg = HydraConfig.get()
+        check_overrides(cfg, list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("schedule"))
         try:
             with _quiet_lightning(), runs.sigterm_stops_the_run():
                 fn(cfg)

@@ -8,8 +8,9 @@ an interrupted one resumes (:mod:`lightning_kd.runs` keeps the books).
 Hydra instantiates what the config describes; a stage only adds what it alone knows. The ``distill``
 group is the module as a partial, called with the stage's teacher(s) and their checkpoints, its
 student, its recipe's optimizer and learning-rate schedule, the augmentation, ``speed`` and the opened
-store. The teacher and scratch stages call the same class without a teacher (``factory.func(None,
-model, hard_loss=...)``), so a user's subclass (``distill._target_=...``) trains every stage.
+store. The teacher and scratch stages call the same class without a teacher and without the distillation-only
+arguments (``soft_loss``, ``alpha``, ``features``, ...), keeping ``hard_loss`` and a subclass's own
+arguments, so a user's subclass (``distill._target_=...``) trains every stage.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_kd import report, runs
+from lightning_kd.callbacks import canonical_path
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.io import atomic_write
 from lightning_kd.module import DistillationModule
@@ -260,11 +262,11 @@ def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None, *,
         if teacher_checkpoint is not None:  # evaluate a given teacher: it is the model under test
             model = load_teacher(model, teacher_checkpoint)
         factory = distill_factory(cfg)
-        return factory.func(None, model, hard_loss=factory.keywords["hard_loss"], **given, **_recipe(cfg.teacher))
+        return factory.func(None, model, **{**_without_teacher(factory), **given, **_recipe(cfg.teacher)})
     student = hydra.utils.instantiate(cfg.student.model, _convert_="all")  # before the teachers: the seed gives its init
     if stage == "student_scratch":
         factory = distill_factory(cfg)
-        return factory.func(None, student, hard_loss=factory.keywords["hard_loss"], **given, **_recipe(cfg.student))
+        return factory.func(None, student, **{**_without_teacher(factory), **given, **_recipe(cfg.student)})
     if cfg.soft_targets.offline if offline is None else offline:
         if store is None:
             raise ValueError(f"Stage {stage} distils from stored soft targets but no store was opened (`soft_targets.path`).")
@@ -274,6 +276,25 @@ def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None, *,
     teacher = teachers(cfg, teacher_checkpoint)
     return distill_factory(cfg)(teacher["teacher"], student, teacher_checkpoint=teacher["teacher_checkpoint"],
                                 teacher_weights=teacher["teacher_weights"], **given, **_recipe(cfg.student))
+
+
+# What only a distilled stage uses: the teacher and scratch stages train on the hard loss alone.
+_DISTILLATION_ONLY = frozenset({"soft_loss", "alpha", "soft_weight", "features", "soft_targets", "teacher_checkpoint",
+                                "teacher_weights", "keep_teacher_in_checkpoint"})
+
+
+def _without_teacher(factory: functools.partial) -> dict[str, Any]:
+    """The ``distill`` arguments a stage without a teacher keeps: ``hard_loss`` and a subclass's own ones."""
+    return {key: value for key, value in factory.keywords.items() if key not in _DISTILLATION_ONLY}
+
+
+def annealed(cfg: DictConfig) -> dict[str, str]:
+    """``{config key: schedule}`` for what ``cfg.schedule`` anneals (``{"distill.soft_loss.temperature": "Linear(...)"}``)."""
+    if not cfg.get("schedule"):
+        return {}
+    callback = hydra.utils.instantiate(cfg.schedule, _convert_="all")
+    return {"distill." + canonical_path(path, DistillationModule.annealing_aliases): repr(schedule)
+            for path, schedule in callback.schedules.items()}
 
 
 def _augmentation(cfg: DictConfig) -> Any:
