@@ -7,6 +7,7 @@ threads spin against the other processes and make these tiny networks ~30x slowe
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import json
 import math
@@ -25,7 +26,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_kd import cli, stages
+from lightning_kd import DistillationModule, cli, stages
 from lightning_kd.soft_targets.store import SoftTargetStore
 from lightning_kd.teachers import load_teacher
 
@@ -653,3 +654,67 @@ def test_console_script_ddp_cpu_feature_distillation(smoke_run, tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in metrics["train/feature_fitnet"])
     state = torch.load(run_dir / "student_distilled" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "feature_distillation.adapters.fitnet_0.1.weight" in state
+
+
+# ---------------------------------------------------------------------- a schedule replaces what it anneals
+def test_a_command_line_value_that_the_schedule_replaces_is_refused(tmp_path):
+    """Before: `distill.soft_loss.temperature=2 schedule=anneal_temperature` trained at 8 -> 2 and the report said 2."""
+    cfg = make_cfg(tmp_path, "schedule=anneal_temperature")
+    assert stages.annealed(cfg) == {"distill.soft_loss.temperature": "Linear(start=8.0, end=2.0, warmup=0, warmup_start=None, total=None)"}
+    with pytest.raises(ValueError, match=r"`distill.soft_loss.temperature` is set on the command line, but `schedule=anneal_temperature` "
+                                         r"anneals it \(Linear\(start=8.0, end=2.0.*or choose `schedule=null`"):
+        cli.check_overrides(cfg, ["seed=1", "distill.soft_loss.temperature=2"], "anneal_temperature")
+    cli.check_overrides(cfg, ["distill.alpha=0.5", "schedule.temperature.start=4"], "anneal_temperature")  # not annealed; the schedule's own
+    cfg = make_cfg(tmp_path, "experiment=ctkd")
+    assert list(stages.annealed(cfg)) == ["distill.soft_loss.temperature.grl_weight"]
+    with pytest.raises(ValueError, match=r"`distill.soft_loss.temperature.grl_weight` is set on the command line"):
+        cli.check_overrides(cfg, ["++distill.soft_loss.temperature.grl_weight=0.5"], "ctkd")
+
+
+@pytest.mark.slow
+def test_the_console_script_refuses_an_override_that_the_schedule_replaces(tmp_path):
+    script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
+    out = subprocess.run([script, *SMOKE, "schedule=anneal_alpha", "distill.alpha=0.3", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "`distill.alpha` is set on the command line, but `schedule=anneal_alpha` anneals it (Cosine(start=0.9, end=0.1" in out.stderr
+    assert not (tmp_path / "run" / "teacher").exists()  # refused before any stage ran
+
+
+@pytest.mark.slow
+def test_the_report_names_the_schedule_of_an_annealed_value(smoke_run, tmp_path):
+    teacher = smoke_run[1] / "teacher" / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "run"
+    cli.train(make_cfg(run_dir, "task=distill", f"teacher.checkpoint={teacher}", "schedule=anneal_alpha", *FEW_STEPS))
+    meta = read_report(run_dir)["meta"]
+    schedule = "Cosine(start=0.9, end=0.1, warmup=0, warmup_start=None, total=None)"
+    assert meta["alpha"] == schedule and meta["annealed"] == {"distill.alpha": schedule}
+    assert meta["temperature"] == 4.0  # not annealed: the loss's own
+    # what ran: alpha along the half cosine over the 4 steps, 0.5 (1 + cos(pi s / 4)) scaled to [0.1, 0.9]
+    expected = [0.1 + 0.8 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    np.testing.assert_allclose(step_metrics(run_dir / "student_distilled")["kd/alpha"], expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- a user's subclass in every stage
+class SmoothedLabels(DistillationModule):
+    """A user's subclass with an argument of its own: label smoothing in the hard loss of every stage."""
+
+    def __init__(self, *args, label_smoothing: float = 0.0, **kwargs):
+        kwargs["hard_loss"] = functools.partial(torch.nn.functional.cross_entropy, label_smoothing=label_smoothing)
+        super().__init__(*args, **kwargs)
+        self.label_smoothing = label_smoothing
+
+
+def test_the_teacher_and_scratch_stages_keep_a_subclass_argument(tmp_path):
+    """Before: they were built with `hard_loss` alone, so `label_smoothing` trained only the distilled stage."""
+    cfg = make_cfg(tmp_path, f"distill._target_={__name__}.SmoothedLabels", "+distill.label_smoothing=0.2", "distill.alpha=0.7")
+    for stage in ("teacher", "student_scratch"):
+        module = stages.build_module(cfg, stage, None)
+        assert type(module) is SmoothedLabels and module.label_smoothing == 0.2 and module.teacher is None
+        logits, targets = torch.randn(5, 10, dtype=torch.float64), torch.tensor([0, 3, 9, 2, 2])
+        # float64 reference: (1 - eps) * NLL + eps * mean over classes of -log p
+        log_p = torch.log_softmax(logits, dim=-1)
+        reference = (0.8 * -log_p[torch.arange(5), targets] + 0.2 * -log_p.mean(-1)).mean()
+        loss = module.distillation_loss(logits.float(), None, targets)["loss"]
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        assert module.alpha == 0.9  # a distillation-only setting stays at its default without a teacher

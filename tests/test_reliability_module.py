@@ -20,11 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationModule, load_weights
+from lightning_kd import DistillationAnnealing, DistillationModule, Speed, load_weights
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
 from lightning_kd.guards import NonFiniteError, ValueGuard
-from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, kd_loss
+from lightning_kd.features import FeatureTerm
+from lightning_kd.losses import ATLoss, DKDLoss, FitNetLoss, HardCrossEntropyLoss, HardMSELoss, KDLoss, RKDLoss, kd_loss
 from lightning_kd.losses.hard import cross_entropy_loss, mse_loss
+from lightning_kd.schedules import Linear
+from lightning_kd.soft_targets import build_soft_targets
 from lightning_kd.teachers import TeacherEnsemble
 
 C = 5  # classes
@@ -249,7 +252,7 @@ torch.save(checkpoint, {str(payload)!r})
 import torch
 import torch.nn.functional as F
 from torch import nn
-from lightning_kd import DistillationModule, load_weights
+from lightning_kd import DistillationAnnealing, DistillationModule, Speed, load_weights
 for load in (
     lambda: DistillationModule.load_from_checkpoint({str(payload)!r}, teacher=nn.Linear(3, {C}), student=nn.Linear(3, {C})),
     lambda: load_weights(nn.Linear(3, {C}), {str(payload)!r}),
@@ -338,3 +341,132 @@ def test_targets_of_another_shape_with_a_custom_hard_loss_get_our_message():
     module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), hard_loss=lambda out, t: F.cross_entropy(out, t.view(-1)))
     with pytest.raises(ValueError, match=r"Expected class targets of shape \(4,\) .* but got \(4, 1\).*squeeze"):
         trainer().fit(module, loader(x, y.unsqueeze(-1)))
+
+
+# ---------------------------------------------------------------------------- settings of the wrong type
+def kl_reference(student: torch.Tensor, teacher: torch.Tensor, t: float) -> float:
+    """Mean over rows of KL(softmax(teacher / t) || softmax(student / t)), in float64, written out."""
+    p = torch.softmax(teacher.double() / t, dim=-1)
+    log_q = torch.log_softmax(student.double() / t, dim=-1)
+    return float((p * (p.log() - log_q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize(
+    ("make", "setting"),
+    [
+        (lambda: KDLoss(scale_by_t2="no"), "scale_by_t2"),
+        (lambda: KDLoss(standardize="false"), "standardize"),
+        (lambda: setattr(KDLoss(), "standardize", "yes"), "standardize"),
+        (lambda: kd_loss(torch.zeros(2, C), torch.zeros(2, C), 2.0, standardize="no"), "standardize"),
+        (lambda: Speed(channels_last="no"), "channels_last"),
+        (lambda: Speed(compile_student="False"), "compile_student"),
+        (lambda: DistillationModule(nn.Linear(3, C), nn.Linear(3, C), keep_teacher_in_checkpoint="no"), "keep_teacher_in_checkpoint"),
+    ],
+    ids=["scale_by_t2", "standardize", "standardize_set_later", "functional", "channels_last", "compile_student", "keep_teacher"],
+)
+def test_a_switch_given_as_a_string_is_refused_naming_it(make, setting):
+    """`bool("no")` is True: a string would switch the option on. A real bool is honoured (checked on values)."""
+    with pytest.raises(TypeError, match=rf"Expected `{setting}` to be True or False, but got '\w+' \(str\)"):
+        make()
+    s, t = torch.randn(6, C, dtype=torch.float64), torch.randn(6, C, dtype=torch.float64)
+    unscaled = KDLoss(temperature=3.0, scale_by_t2=False)(s.float(), t.float())
+    assert unscaled.item() == pytest.approx(kl_reference(s, t, 3.0), rel=1e-5)
+    assert KDLoss(temperature=3.0, scale_by_t2=True)(s.float(), t.float()).item() == pytest.approx(9 * kl_reference(s, t, 3.0), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: DistillationModule(nn.Linear(3, C), nn.Linear(3, C), alpha="0.5"), TypeError, r"Expected `alpha` to be a number, but got '0.5'"),
+        (lambda: DistillationModule(nn.Linear(3, C), nn.Linear(3, C), soft_weight="1"), TypeError, r"Expected `soft_weight` to be a number"),
+        (lambda: DistillationModule(nn.Linear(3, C), nn.Linear(3, C), optimizer="adam"), TypeError, r"Expected `optimizer` to be a partial"),
+        (lambda: DistillationModule(nn.Linear(3, C), nn.Linear(3, C), features=["fitnet"]), TypeError, r"Expected `features` to be a dict"),
+        (lambda: ATLoss(p=0.0), ValueError, r"Expected `p` to be a finite number > 0"),
+        (lambda: ATLoss(p="2"), TypeError, r"Expected `p` to be a number"),
+        (lambda: RKDLoss(angle_weight=-50.0), ValueError, r"Expected `angle_weight` to be a finite number >= 0"),
+        (lambda: RKDLoss(distance_weight=math.nan), ValueError, r"Expected `distance_weight` to be a finite number >= 0"),
+    ],
+    ids=["alpha_str", "soft_weight_str", "optimizer_str", "features_list", "at_p_zero", "at_p_str", "rkd_negative", "rkd_nan"],
+)
+def test_a_setting_of_the_wrong_type_or_range_is_refused_naming_it(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_feature_terms_with_soft_targets_are_refused(tmp_path):
+    """The store holds logits only: feature terms would read activations left from another batch (or none)."""
+    x, y = data()
+    teacher = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, C))
+    store = build_soft_targets(teacher, loader(x, y), tmp_path / "store", trainer=trainer())
+    features = {"fitnet": FeatureTerm(FitNetLoss(), "0", "0")}
+    student = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, C))
+    with pytest.raises(ValueError, match=r"Feature terms need the teacher's forward on every training batch.*Drop `soft_targets`"):
+        DistillationModule(teacher, student, soft_targets=store, features=features)
+    with pytest.raises(ValueError, match=r"Drop `soft_targets`"):
+        DistillationModule(None, student, soft_targets=store, features=features)
+    with pytest.raises(ValueError, match=r"Feature terms need the teacher's activations: pass a `teacher`"):
+        DistillationModule(None, student, features=features)
+
+
+def test_a_dict_batch_without_an_input_key_is_refused_naming_its_keys():
+    """Before: its tensors were taken for a CombinedLoader's batches and concatenated (labels as inputs)."""
+    x, y = data(8)
+    samples = [{"pixel_values": x[i], "label": y[i]} for i in range(len(x))]
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C))
+    with pytest.raises(TypeError, match=r"Cannot unpack a dict batch with keys \['label', 'pixel_values'\]: none is an input key"):
+        trainer().fit(module, DataLoader(samples, batch_size=4))
+    # a CombinedLoader's dict of batches still concatenates, the unlabeled rows with the ignore index
+    inputs, targets = module.unpack_batch({"labeled": (x[:4], y[:4]), "unlabeled": x[4:]})
+    assert torch.equal(inputs, x) and torch.equal(targets, torch.cat([y[:4], torch.full((4,), -100)]))
+
+
+def test_one_attribute_annealed_under_two_names_is_refused():
+    """`temperature` is `soft_loss.temperature`: two schedules would overwrite each other on every step."""
+    x, y = data()
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C))
+    one = DistillationAnnealing(temperature=Linear(4.0, 1.0), schedules={"soft_loss.temperature": Linear(8.0, 2.0)})
+    with pytest.raises(RuntimeError, match=r"`soft_loss.temperature` and `temperature` name one attribute in one callback"):
+        trainer(callbacks=[one]).fit(module, loader(x, y))
+    two = [DistillationAnnealing(temperature=Linear(4.0, 1.0)), DistillationAnnealing(schedules={"soft_loss.temperature": Linear(8.0, 2.0)})]
+    with pytest.raises(RuntimeError, match=r"name one attribute in two `DistillationAnnealing` callbacks"):
+        trainer(callbacks=two).fit(module, loader(x, y))
+    assert module.temperature == 4.0  # nothing was set
+
+
+# ---------------------------------------------------------------------------- checkpoints of another objective
+def fitted_checkpoint(tmp_path, teacher, **kwargs):
+    x, y = data()
+    module = DistillationModule(teacher, nn.Linear(3, C), **kwargs)
+    t = trainer(max_steps=2)
+    t.fit(module, loader(x, y))
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    return module
+
+
+def test_load_from_checkpoint_with_another_soft_loss_is_refused(tmp_path):
+    """Before: a module rebuilt without `soft_loss` silently went on with the default KDLoss."""
+    teacher = nn.Linear(3, C)
+    module = fitted_checkpoint(tmp_path, teacher, soft_loss=DKDLoss(beta=8.0), alpha=0.5)
+    with pytest.raises(ValueError, match=r"soft_loss: trained with 'DKDLoss\(temperature=4.0, alpha=1.0, beta=8.0.*this module has 'KDLoss\("):
+        DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C), alpha=0.5)
+    with pytest.raises(ValueError, match=r"hard_loss: trained with 'HardCrossEntropyLoss\(\)', this module has 'torch.nn.functional.mse_loss'"):
+        DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C),
+                                                soft_loss=DKDLoss(beta=8.0), hard_loss=F.mse_loss)
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C),
+                                                     soft_loss=DKDLoss(beta=8.0))
+    assert torch.equal(loaded.student.weight, module.student.weight.detach())
+    # resuming a fit with another loss is refused the same way, before a step is taken
+    x, y = data()
+    other = DistillationModule(copy.deepcopy(teacher), nn.Linear(3, C), soft_loss=DKDLoss(beta=2.0))
+    with pytest.raises(ValueError, match=r"beta=8.0.*this module has 'DKDLoss\(temperature=4.0, alpha=1.0, beta=2.0"):
+        trainer(max_steps=4).fit(other, loader(x, y), ckpt_path=tmp_path / "run.ckpt")
+
+
+def test_a_teacher_in_another_dtype_is_named_on_load(tmp_path):
+    teacher = nn.Linear(3, C)
+    fitted_checkpoint(tmp_path, copy.deepcopy(teacher), speed=Speed(teacher_dtype="bfloat16"))
+    with pytest.raises(RuntimeError, match=r"runs in torch.float32, but the checkpoint was trained with it in torch.bfloat16.*Speed\(teacher_dtype"):
+        DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C))
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C),
+                                                     speed=Speed(teacher_dtype="bfloat16"))
+    assert loaded.teacher.weight.dtype == torch.bfloat16
