@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from functools import reduce
@@ -195,11 +196,13 @@ class DistillationAnnealing(Callback):
 
     def _check_module(self, pl_module: LightningModule) -> None:
         cls = type(pl_module).__name__
+        aliases = getattr(pl_module, "annealing_aliases", {})
         for path in self.schedules:
-            parts = path.split(".")
+            parts = canonical_path(path, aliases).split(".")  # the attribute itself, whose owner can say why it is missing
             value: Any = pl_module
             for depth, part in enumerate(parts):
                 if not hasattr(value, part):
+                    reason = _why_missing(value, part)
                     owner = ".".join([cls, *parts[:depth]])
                     fix = (
                         f"give `{owner}` a float attribute `{part}` that the module reads in `training_step`"
@@ -207,7 +210,7 @@ class DistillationAnnealing(Callback):
                         else "correct the path (each part an attribute of the one before it, from the module)"
                     )
                     raise RuntimeError(
-                        f"`DistillationAnnealing` anneals `{path}`, but `{owner}` has no attribute `{part}`. Either"
+                        f"`DistillationAnnealing` anneals `{path}`, but `{owner}` has no attribute `{part}`{reason}. Either"
                         f" {fix}, or remove `{path}` from the callback"
                     )
                 value = getattr(value, part)
@@ -264,3 +267,19 @@ def canonical_path(path: str, aliases: Mapping[str, str]) -> str:
         if path == alias or path.startswith(alias + "."):
             return target + path[len(alias):]
     return path
+
+
+def _why_missing(owner: Any, name: str) -> str:
+    """`` (reason)`` when ``name`` is a property of ``owner`` that raised, else ``""``.
+
+    ``nn.Module.__getattr__`` replaces a property's AttributeError with its own "has no attribute";
+    calling the property's getter directly gets the owner's message (``SoftMSELoss has no temperature``).
+    """
+    descriptor = inspect.getattr_static(type(owner), name, None)
+    if not isinstance(descriptor, property) or descriptor.fget is None:
+        return ""
+    try:
+        descriptor.fget(owner)
+    except AttributeError as err:
+        return f" ({str(err).rstrip('.')})"
+    return ""

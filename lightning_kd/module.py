@@ -149,7 +149,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.keep_teacher_in_checkpoint = check_bool(keep_teacher_in_checkpoint, "keep_teacher_in_checkpoint")
         self.teacher_checkpoint = plain(teacher_checkpoint)
-        store = None if soft_targets is None else open_store(soft_targets)
+        store = None if soft_targets is None else self._open_store(soft_targets)
         # Only plain values go to the hyperparameters (checkpoints load with weights_only=True); the objects
         # (losses, feature terms, speed, augmentation) are given again to `load_from_checkpoint`.
         self.save_hyperparameters({
@@ -192,6 +192,19 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
         self.metrics = DistillationMetrics()
+
+    @staticmethod
+    def _open_store(soft_targets: SoftTargetStore | str | os.PathLike[str]) -> SoftTargetStore:
+        try:
+            return open_store(soft_targets)
+        except FileNotFoundError as err:
+            if not LOADING_CHECKPOINT.get():
+                raise
+            raise FileNotFoundError(
+                f"The checkpoint was trained from the soft-target store at {soft_targets}, which is no longer there. Pass "
+                "`soft_targets=<its new path>` to `load_from_checkpoint` to go on training from it, or `soft_targets=None` "
+                "to load the weights (evaluation, export)."
+            ) from err
 
     @property
     def soft_targets(self) -> SoftTargetStore | None:

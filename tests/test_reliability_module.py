@@ -24,10 +24,10 @@ from lightning_kd import DistillationAnnealing, DistillationModule, Speed, load_
 from lightning_kd.checkpoint import CheckpointError, load_checkpoint
 from lightning_kd.guards import NonFiniteError, ValueGuard
 from lightning_kd.features import FeatureTerm
-from lightning_kd.losses import ATLoss, DKDLoss, FitNetLoss, HardCrossEntropyLoss, HardMSELoss, KDLoss, RKDLoss, kd_loss
+from lightning_kd.losses import ATLoss, DKDLoss, FitNetLoss, HardCrossEntropyLoss, HardMSELoss, KDLoss, RKDLoss, SoftMSELoss, kd_loss
 from lightning_kd.losses.hard import cross_entropy_loss, mse_loss
 from lightning_kd.schedules import Linear
-from lightning_kd.soft_targets import build_soft_targets
+from lightning_kd.soft_targets import build_soft_targets, with_soft_targets
 from lightning_kd.teachers import TeacherEnsemble
 
 C = 5  # classes
@@ -470,3 +470,27 @@ def test_a_teacher_in_another_dtype_is_named_on_load(tmp_path):
     loaded = DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=copy.deepcopy(teacher), student=nn.Linear(3, C),
                                                      speed=Speed(teacher_dtype="bfloat16"))
     assert loaded.teacher.weight.dtype == torch.bfloat16
+
+
+def test_annealing_the_temperature_of_a_loss_without_one_says_why():
+    x, y = data()
+    module = DistillationModule(nn.Linear(3, C), nn.Linear(3, C), soft_loss=SoftMSELoss())
+    with pytest.raises(RuntimeError, match=r"anneals `temperature`, but `DistillationModule.soft_loss` has no attribute `temperature` "
+                                           r"\(SoftMSELoss has no temperature \(its logits enter the loss as they are\)\)"):
+        trainer(callbacks=[DistillationAnnealing(temperature=Linear(4.0, 1.0))]).fit(module, loader(x, y))
+
+
+def test_load_from_checkpoint_after_its_store_moved_says_what_to_pass(tmp_path):
+    x, y = data()
+    teacher = nn.Linear(3, C)
+    store = build_soft_targets(teacher, loader(x, y), tmp_path / "store", trainer=trainer())
+    module = DistillationModule(None, nn.Linear(3, C), soft_targets=store)
+    t = trainer(max_steps=2)
+    t.fit(module, with_soft_targets(loader(x, y), store))
+    t.save_checkpoint(tmp_path / "run.ckpt")
+    (tmp_path / "store").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=r"trained from the soft-target store at .*store, which is no longer there.*`soft_targets=None`"):
+        DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=None, student=nn.Linear(3, C))
+    for soft_targets in (None, tmp_path / "moved"):
+        loaded = DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", teacher=None, student=nn.Linear(3, C), soft_targets=soft_targets)
+        assert torch.equal(loaded.student.weight, module.student.weight.detach())
