@@ -13,6 +13,7 @@ import os
 import pickle
 import zipfile
 from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -102,3 +103,41 @@ def plain(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return value
+
+
+def objectives(soft_loss: Any, hard_loss: Any, features: Any) -> dict[str, Any]:
+    """What a distillation objective is made of, as plain strings (checkpoints record it; loads compare it)."""
+    return {"soft_loss": describe(soft_loss), "hard_loss": describe(hard_loss),
+            "features": {str(key): describe(term) for key, term in (features or {}).items()}}
+
+
+def check_objectives(saved: Any, mine: dict[str, Any]) -> None:
+    """Refuse a checkpoint trained with another soft loss, hard loss or feature terms than the module has.
+
+    Raises:
+        ValueError: showing what was trained and what was given.
+    """
+    if not isinstance(saved, dict):  # older checkpoints recorded nothing
+        return
+    differ = [f"{name}: trained with {saved[name]!r}, this module has {value!r}"
+              for name, value in mine.items() if name in saved and saved[name] != value]
+    if differ:
+        raise ValueError(
+            "The checkpoint was trained with another objective than this module's:\n  " + "\n  ".join(differ) + "\n"
+            "Give the same objects again (e.g. `DistillationModule.load_from_checkpoint(path, soft_loss=DKDLoss(beta=8.0))`, "
+            "or the same constructor arguments when resuming with `trainer.fit(..., ckpt_path=path)`). To start a new "
+            "run from these weights, load the student's state dict instead."
+        )
+
+
+def describe(obj: Any) -> str:
+    """One line that names a loss or feature term the same way in every process (no memory addresses)."""
+    if isinstance(obj, partial):
+        text = f"partial({describe(obj.func)}, *{obj.args!r}, **{obj.keywords!r})"
+    elif hasattr(obj, "__qualname__"):  # a function or class
+        text = f"{obj.__module__}.{obj.__qualname__}"
+    else:
+        text = repr(obj)  # modules and feature terms show their options
+    if " at 0x" in text:  # a default repr: the type is all that is stable
+        text = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return " ".join(text.split())

@@ -166,3 +166,25 @@ class FeatureDistillation(nn.Module):
 
     def _items(self) -> list[tuple[str, FeatureTerm]]:
         return list(zip(self.keys, self.terms))
+
+
+def feature_distillation(teacher: nn.Module | None, student: nn.Module, features: Mapping[str, FeatureTerm] | None, *,
+                         stored: bool) -> FeatureDistillation | None:
+    """The module's feature terms, or None without any; ``stored``: the teacher's outputs come from a soft-target store.
+
+    Raises:
+        TypeError: if ``features`` is not a dict.
+        ValueError: with a store (it holds logits, not activations) or without a teacher.
+    """
+    if features is not None and not isinstance(features, Mapping):
+        raise TypeError(f"Expected `features` to be a dict {{key: FeatureTerm(...)}}, but got {type(features).__name__}.")
+    if not features:
+        return None
+    if stored:
+        raise ValueError(
+            "Feature terms need the teacher's forward on every training batch, but with `soft_targets` the "
+            "teacher's outputs come from the store (logits only). Drop `soft_targets` to train with `features`."
+        )
+    if teacher is None:
+        raise ValueError("Feature terms need the teacher's activations: pass a `teacher`.")
+    return FeatureDistillation(teacher, student, features)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from functools import partial
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning as L
@@ -16,9 +15,11 @@ from typing_extensions import override
 from lightning_kd._checks import check_bool, check_number
 from lightning_kd import batch as batch_utils
 from lightning_kd import optim
-from lightning_kd.checkpoint import LOADING_CHECKPOINT, allow_missing_teacher_keys, drop_teacher_keys, fingerprint, plain
+from lightning_kd.checkpoint import (
+    LOADING_CHECKPOINT, allow_missing_teacher_keys, check_objectives, drop_teacher_keys, fingerprint, objectives, plain,
+)
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.features import FeatureDistillation, FeatureTerm
+from lightning_kd.features import FeatureDistillation, FeatureTerm, feature_distillation
 from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
 from lightning_kd.hygiene import FrozenTeacher, attached_trainer
 from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
@@ -132,14 +133,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.hard_loss = HardCrossEntropyLoss() if hard_loss is None else hard_loss
         if not callable(self.hard_loss):
             raise TypeError(f"Expected `hard_loss` to be a callable (outputs, targets) -> loss, but got {type(self.hard_loss).__name__}.")
-        optim.check_lr_scheduler(lr_scheduler)
-        if optimizer is not None and (isinstance(optimizer, str) or not callable(optimizer)):
-            raise TypeError(
-                f"Expected `optimizer` to be a partial params -> Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.1)), "
-                f"but got {optimizer!r}."
-            )
-        if features is not None and not isinstance(features, Mapping):
-            raise TypeError(f"Expected `features` to be a dict {{key: FeatureTerm(...)}}, but got {type(features).__name__}.")
+        optim.check(optimizer, lr_scheduler)
         self.speed = speed or Speed()
         if not isinstance(self.speed, Speed):
             raise TypeError(f"Expected `speed` to be a lightning_kd.Speed, but got {type(self.speed).__name__}.")
@@ -149,7 +143,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.keep_teacher_in_checkpoint = check_bool(keep_teacher_in_checkpoint, "keep_teacher_in_checkpoint")
         self.teacher_checkpoint = plain(teacher_checkpoint)
-        store = None if soft_targets is None else self._open_store(soft_targets)
+        store = None if soft_targets is None else open_store(soft_targets, recorded=LOADING_CHECKPOINT.get())
         # Only plain values go to the hyperparameters (checkpoints load with weights_only=True); the objects
         # (losses, feature terms, speed, augmentation) are given again to `load_from_checkpoint`.
         self.save_hyperparameters({
@@ -167,16 +161,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         elif teacher_weights is not None or teacher_checkpoint is not None:
             raise ValueError("`teacher_weights` / `teacher_checkpoint` describe a teacher, but `teacher` is None.")
         self.speed.apply(student, self.teacher)
-        self.feature_distillation: FeatureDistillation | None = None
-        if features:
-            if store is not None:
-                raise ValueError(
-                    "Feature terms need the teacher's forward on every training batch, but with `soft_targets` the "
-                    "teacher's outputs come from the store (logits only). Drop `soft_targets` to train with `features`."
-                )
-            if self.teacher is None:
-                raise ValueError("Feature terms need the teacher's activations: pass a `teacher`.")
-            self.feature_distillation = FeatureDistillation(self.teacher, student, features)
+        self.feature_distillation = feature_distillation(self.teacher, student, features, stored=store is not None)
         self.augmentation = augmentation
         self.augmentation_seed = int(augmentation_seed)
         self.teacher_outputs = TeacherOutputs(augmentation, augmentation_seed) if store is None else StoredTeacherOutputs(store, augmentation)
@@ -185,26 +170,12 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             store.check_teacher(fingerprint(self.teacher))
         # What the objective is made of, as constructed (before any annealing): recorded in checkpoints and
         # compared on load, so that a module rebuilt without them does not silently train or evaluate another one.
-        self._objectives = {"soft_loss": describe(self.soft_loss), "hard_loss": describe(self.hard_loss),
-                            "features": {key: describe(term) for key, term in (features or {}).items()}}
+        self._objectives = objectives(self.soft_loss, self.hard_loss, features)
         self._teacher_acc_logged = False
         self._guard = ValueGuard()  # non-finite teacher outputs and losses, out-of-range targets
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
         self.metrics = DistillationMetrics()
-
-    @staticmethod
-    def _open_store(soft_targets: SoftTargetStore | str | os.PathLike[str]) -> SoftTargetStore:
-        try:
-            return open_store(soft_targets)
-        except FileNotFoundError as err:
-            if not LOADING_CHECKPOINT.get():
-                raise
-            raise FileNotFoundError(
-                f"The checkpoint was trained from the soft-target store at {soft_targets}, which is no longer there. Pass "
-                "`soft_targets=<its new path>` to `load_from_checkpoint` to go on training from it, or `soft_targets=None` "
-                "to load the weights (evaluation, export)."
-            ) from err
 
     @property
     def soft_targets(self) -> SoftTargetStore | None:
@@ -446,37 +417,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_objectives(checkpoint.get("distillation_objectives"))
+        check_objectives(checkpoint.get("distillation_objectives"), self._objectives)
         shapes = checkpoint.get("feature_adapters")
         if shapes and self.feature_distillation is not None and not self.feature_distillation.adapter_shapes:
             self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
         super().on_load_checkpoint(checkpoint)
 
-    def _check_objectives(self, saved: Any) -> None:
-        """Refuse a checkpoint trained with another soft loss, hard loss or feature terms than this module has."""
-        if not isinstance(saved, Mapping):  # older checkpoints recorded nothing
-            return
-        differ = [f"{name}: trained with {saved[name]!r}, this module has {mine!r}"
-                  for name, mine in self._objectives.items() if name in saved and saved[name] != mine]
-        if differ:
-            raise ValueError(
-                "The checkpoint was trained with another objective than this module's:\n  " + "\n  ".join(differ) + "\n"
-                "Give the same objects again (e.g. `DistillationModule.load_from_checkpoint(path, soft_loss=DKDLoss(beta=8.0))`, "
-                "or the same constructor arguments when resuming with `trainer.fit(..., ckpt_path=path)`). To start a new "
-                "run from these weights, load the student's state dict instead."
-            )
-
-
-def describe(obj: Any) -> str:
-    """A one-line description of a loss or feature term that is the same in every process (no memory addresses)."""
-    if isinstance(obj, partial):
-        text = f"partial({describe(obj.func)}, *{obj.args!r}, **{obj.keywords!r})"
-    elif isinstance(obj, (nn.Module, FeatureTerm)):
-        text = repr(obj)
-    elif hasattr(obj, "__qualname__"):
-        text = f"{obj.__module__}.{obj.__qualname__}"
-    else:
-        text = repr(obj)
-    if " at 0x" in text:  # a default repr: the type is all that is stable
-        text = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    return " ".join(text.split())

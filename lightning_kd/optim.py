@@ -8,12 +8,18 @@ from typing import Any, Callable, Mapping
 import torch
 
 
-def check_lr_scheduler(lr_scheduler: Any) -> None:
-    """Refuse an ``lr_scheduler`` that :func:`configure` cannot use.
+def check(optimizer: Any, lr_scheduler: Any) -> None:
+    """Refuse an ``optimizer`` or ``lr_scheduler`` that :func:`configure` cannot use.
 
     Raises:
-        ValueError: naming the allowed values.
+        TypeError: for an optimizer that is not a partial (a string such as ``"adam"``).
+        ValueError: for an unknown scheduler, naming the allowed values.
     """
+    if optimizer is not None and (isinstance(optimizer, str) or not callable(optimizer)):
+        raise TypeError(
+            f"Expected `optimizer` to be a partial params -> Optimizer (e.g. functools.partial(torch.optim.SGD, lr=0.1)), "
+            f"but got {optimizer!r}."
+        )
     if lr_scheduler is None or lr_scheduler == "cosine" or (callable(lr_scheduler) and not isinstance(lr_scheduler, str)):
         return
     if isinstance(lr_scheduler, Mapping) and callable(lr_scheduler.get("scheduler")):

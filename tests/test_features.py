@@ -218,8 +218,8 @@ def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path)
                                                        weights_only=True)
     for key, value in module.feature_distillation.adapters.state_dict().items():
         assert torch.equal(restored.feature_distillation.adapters.state_dict()[key], value)
-    # the feature terms are not in the checkpoint (weights only): leaving them out is a loud error, not a silent drop
-    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"feature_distillation.adapters.fitnet_0"):
+    # the feature terms are not in the checkpoint (weights only): leaving them out is a loud error naming them, not a silent drop
+    with pytest.raises(ValueError, match=r"features: trained with \{'fitnet': \"FeatureTerm\(FitNetLoss\(adapter='auto'\), teacher_layers=\['features.3'\]"):
         DistillationModule.load_from_checkpoint(ckpt, teacher=module.teacher, student=get_model("mlp"))
 
 

@@ -365,8 +365,21 @@ def _from_numpy(array: np.ndarray, dtype: str) -> Tensor:
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
-def open_store(store: "SoftTargetStore | str | os.PathLike[str]", *, verify: bool = True) -> SoftTargetStore:
-    return store if isinstance(store, SoftTargetStore) else SoftTargetStore(store, verify=verify)
+def open_store(store: "SoftTargetStore | str | os.PathLike[str]", *, verify: bool = True, recorded: bool = False) -> SoftTargetStore:
+    """``store`` itself, or the store at that path. ``recorded``: the path comes from a checkpoint being loaded,
+    and a store that is no longer there gets a message that says what to pass instead."""
+    if isinstance(store, SoftTargetStore):
+        return store
+    try:
+        return SoftTargetStore(store, verify=verify)
+    except FileNotFoundError as err:
+        if not recorded:
+            raise
+        raise FileNotFoundError(
+            f"The checkpoint was trained from the soft-target store at {store}, which is no longer there. Pass "
+            "`soft_targets=<its new path>` to `load_from_checkpoint` to go on training from it, or `soft_targets=None` "
+            "to load the weights (evaluation, export)."
+        ) from err
 
 
 def store_spec(
