@@ -217,7 +217,7 @@ class DistillationAnnealing(Callback):
             if isinstance(value, torch.Tensor):
                 kind, fix = "a tensor", f"store `{parts[-1]}` as a plain float"
             elif isinstance(value, torch.nn.Module):
-                kind, fix = f"a `{type(value).__name__}` module", f"anneal a float attribute of it (`{path}.<name>`)"
+                kind, fix = f"a `{type(value).__name__}` module", f"anneal a float attribute of it (`{'.'.join(parts)}.<name>`)"
             else:
                 continue
             raise RuntimeError(

@@ -610,7 +610,8 @@ def test_a_schedule_that_sets_a_learned_temperature_is_refused_by_the_module(tmp
     teacher = tmp_path / "teacher.pt"
     torch.save(hydra_model(make_cfg(tmp_path).teacher.model).state_dict(), teacher)
     cfg = make_cfg(tmp_path / "run", "task=distill", f"teacher.checkpoint={teacher}", "distill=ctkd", "schedule=anneal_temperature", *FEW_STEPS)
-    with pytest.raises(RuntimeError, match=r"The temperature is learned \(a LearnableTemperature\), so it cannot be set or annealed"):
+    with pytest.raises(RuntimeError, match=r"sets `temperature` to a float, but `DistillationModule.temperature` is a `LearnableTemperature` "
+                                           r"module .* anneal a float attribute of it \(`soft_loss.temperature.<name>`\)"):
         cli.train(cfg)
     assert not (tmp_path / "run" / "student_distilled" / "result.json").exists()
 
