@@ -141,20 +141,21 @@ class FrozenTeacher:
         if expected is None or teacher is None or has_teacher_keys:
             return
         actual = fingerprint(teacher)
+        if actual == expected:
+            return
         saved_dtypes, dtypes = checkpoint.get("teacher_dtypes"), _float_dtypes(teacher)
-        if actual != expected and saved_dtypes is not None and saved_dtypes != dtypes:
+        if saved_dtypes is not None and saved_dtypes != dtypes:
             raise RuntimeError(
                 f"The teacher given to this module runs in {', '.join(dtypes)}, but the checkpoint was trained with it in "
                 f"{', '.join(saved_dtypes)} (the fingerprint covers dtypes). Give the same `speed=Speed(teacher_dtype=...)` "
                 "as the run that wrote the checkpoint."
             )
-        if actual != expected:
-            raise RuntimeError(
-                "The teacher given to this module is not the one the checkpoint was trained with (its weights "
-                f"fingerprint differs: expected {expected[:12]}, got {actual[:12]}). Pass the trained teacher (e.g. "
-                "`teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or save checkpoints with "
-                "`keep_teacher_in_checkpoint=True`."
-            )
+        raise RuntimeError(
+            "The teacher given to this module is not the one the checkpoint was trained with (its weights "
+            f"fingerprint differs: expected {expected[:12]}, got {actual[:12]}). Pass the trained teacher (e.g. "
+            "`teacher=load_weights(arch, 'teacher.ckpt')`), set `teacher_checkpoint`, or save checkpoints with "
+            "`keep_teacher_in_checkpoint=True`."
+        )
 
 
 def _float_dtypes(model: nn.Module) -> list[str]:
