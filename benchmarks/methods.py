@@ -61,6 +61,9 @@ def rows(teacher_2: str) -> list[Row]:
         Row("mlp_kd_alpha", "KD, α 0.9 → 0.1 cosine", ["distill=kd", "schedule=anneal_alpha"]),
         Row("mlp_kd_t1", "KD, T=1, α=0.5", ["distill=kd", "distill.soft_loss.temperature=1", "distill.alpha=0.5"]),
         Row("mlp_dkd_warmup", "DKD + warm-up (20 epochs)", ["distill=dkd", "schedule=dkd_warmup", *AS_MEASURED["dkd_warmup"]]),
+        # the bundles as they are now, following the authors' code
+        Row("mlp_ctkd_authors", "CTKD as its code (T from 15.62, epochs from 1): `experiment=ctkd`", ["experiment=ctkd"]),
+        Row("mlp_dkd_warmup_authors", "DKD + warm-up, epochs from 1: `experiment=dkd`", ["experiment=dkd"]),
     ]
     cnn = [
         Row("cnn_scratch", "scratch (no teacher)", [], scratch=True),
