@@ -18,8 +18,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_kd.soft_targets.batches import SoftTargetBatch
 from lightning_kd.losses import IGNORE_INDEX
 
-_INPUT_KEYS = ("inputs", "input", "x", "images", "image", "input_ids")
+_INPUT_KEYS = ("inputs", "input", "x", "images", "image", "input_ids", "inputs_embeds")
 _TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+# Hugging Face-style batches: the model takes the whole dict (attention mask, position ids, ...) as keyword arguments
+_KEYWORD_INPUT_KEYS = ("input_ids", "inputs_embeds")
 
 _FORMATS = (
     "`(inputs, targets)`, `(inputs,)` or a bare tensor of inputs (unlabeled), a dict with an input key "
@@ -63,7 +65,10 @@ def unpack(batch: Any) -> tuple[Any, Tensor | None]:
         input_key = next((k for k in _INPUT_KEYS if k in batch), None)
         if input_key is not None:
             target_key = next((k for k in _TARGET_KEYS if k in batch), None)
-            return batch[input_key], (batch[target_key] if target_key is not None else None)
+            targets = batch[target_key] if target_key is not None else None
+            if input_key in _KEYWORD_INPUT_KEYS:  # every other key (attention_mask, ...) goes to the model too
+                return {k: v for k, v in batch.items() if k != target_key}, targets
+            return batch[input_key], targets
         parts = [v for v in batch.values() if v is not None]  # CombinedLoader "max_size" pads with None
         # A dict of batches has at least one batch that is itself a container; a dict of bare tensors under
         # unknown keys ({"pixel_values": ..., "label": ...}) is one batch whose keys we do not know.
@@ -82,6 +87,68 @@ def unpack(batch: Any) -> tuple[Any, Tensor | None]:
         f"Cannot unpack a batch of type {kind}. Expected {_FORMATS}. For any other format, subclass "
         "DistillationModule and override `unpack_batch(batch) -> (inputs, targets)`."
     )
+
+
+def causal_lm_targets(inputs: Any, labels: Tensor | None) -> Tensor:
+    """The next-token targets of a causal LM, aligned with its logits: the causal shift, done here once.
+
+    Position ``i`` of the logits predicts token ``i + 1``, so the target of position ``i`` is
+    ``labels[:, i + 1]`` and the last position has none (``-100``); the logits are never sliced. Without
+    ``labels`` the targets are the ``input_ids`` themselves (the Hugging Face convention for plain text).
+    Positions that are padding (``attention_mask == 0``), or whose *next* token is padding or ``-100`` (a
+    prompt, padding), are ``-100``: they count in no term and no metric. Left padding needs no special case: the mask decides,
+    never a prompt length.
+
+    Args:
+        inputs: the model's keyword inputs (a dict with ``input_ids`` and optionally ``attention_mask``),
+            or a ``(B, S)`` tensor of token ids.
+        labels: ``(B, S)`` token ids with ``-100`` where no loss is wanted, unshifted (as Hugging Face
+            collators make them), or None.
+
+    Returns:
+        ``(B, S)`` int64 targets.
+
+    Raises:
+        ValueError: if there are neither labels nor ``input_ids``, or the shapes disagree.
+    """
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    attention = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    source = labels if labels is not None else ids
+    if not isinstance(source, Tensor) or source.dim() != 2:
+        raise ValueError(
+            "A causal LM batch needs `labels` or `input_ids` of shape (batch, sequence), but got "
+            f"{type(source).__name__ if not isinstance(source, Tensor) else tuple(source.shape)}."
+        )
+    source = source.long()
+    if attention is not None:
+        if attention.shape != source.shape:
+            raise ValueError(
+                f"Expected `attention_mask` of the shape of the tokens {tuple(source.shape)}, but got {tuple(attention.shape)}."
+            )
+        source = source.masked_fill(attention == 0, IGNORE_INDEX)
+    last = torch.full_like(source[:, :1], IGNORE_INDEX)
+    targets = torch.cat([source[:, 1:], last], dim=1)
+    if attention is not None:  # a padding position predicts nothing (left padding: the one before the first token)
+        targets = targets.masked_fill(attention == 0, IGNORE_INDEX)
+    return targets
+
+
+def valid_positions(inputs: Any, targets: Tensor | None, outputs: Tensor) -> Tensor | None:
+    """Bool ``(B, S)``: the positions of sequence outputs ``(B, S, V)`` that count; None for ``(N, C)`` outputs.
+
+    A position counts where its target is not ``-100`` (padding, a prompt, the causal shift's last
+    position); without per-position targets, where the ``attention_mask`` is 1; with neither, everywhere.
+    Classification outputs return None: there an unlabeled (``-100``) sample still counts in the soft
+    term (Hinton's transfer set).
+    """
+    if outputs.dim() < 3:
+        return None
+    if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.shape == outputs.shape[:-1]:
+        return targets != IGNORE_INDEX
+    attention = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(attention, Tensor) and attention.shape == outputs.shape[:-1]:
+        return attention != 0
+    return None
 
 
 def concat(parts: list[tuple[Any, Tensor | None]]) -> tuple[Tensor, Tensor | None]:

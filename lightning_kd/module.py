@@ -22,13 +22,13 @@ from lightning_kd.data.augment import Augmentation
 from lightning_kd.features import FeatureDistillation, FeatureTerm, feature_distillation
 from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
 from lightning_kd.hygiene import FrozenTeacher, attached_trainer
-from lightning_kd.losses import HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
+from lightning_kd.losses import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
 from lightning_kd.losses.hard import class_per_position
 from lightning_kd.metrics import DistillationMetrics
 from lightning_kd.soft_targets.store import SoftTargetStore, open_store
 from lightning_kd.teacher_outputs import StoredTeacherOutputs, TeacherOutputs
 from lightning_kd.speed import Speed
-from lightning_kd.teachers import TeacherEnsemble, Teachers, cast_inputs, check_not_shared, extract_logits, load_teacher
+from lightning_kd.teachers import TeacherEnsemble, Teachers, call_model, cast_inputs, check_not_shared, extract_logits, load_teacher
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
@@ -172,6 +172,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         # compared on load, so that a module rebuilt without them does not silently train or evaluate another one.
         self._objectives = objectives(self.soft_loss, self.hard_loss, features)
         self._teacher_acc_logged = False
+        self._window_tokens: Tensor | None = None  # valid tokens of the accumulation window so far (sequence outputs)
         self._guard = ValueGuard()  # non-finite teacher outputs and losses, out-of-range targets
         self.register_state_dict_post_hook(drop_teacher_keys)
         self.register_load_state_dict_post_hook(allow_missing_teacher_keys)
@@ -234,24 +235,31 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         own_dtype = self.speed.teacher_dtype is not None and not isinstance(self.teacher, TeacherEnsemble)
         own_precision = torch.autocast(device_type=self.device.type, enabled=False) if own_dtype else contextlib.nullcontext()
         with torch.no_grad(), own_precision:
-            return extract_logits(self.teacher(inputs))
+            return extract_logits(call_model(self.teacher, inputs))
 
     def student_forward(self, inputs: Any) -> Tensor:
-        """The student's logits for ``inputs``."""
-        return extract_logits(self.student(inputs))
+        """The student's logits for ``inputs`` (a dict of inputs is passed as keyword arguments)."""
+        return extract_logits(call_model(self.student, inputs))
 
-    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> dict[str, Tensor]:
-        """``{"loss", "soft", "hard"}``: ``soft_weight * alpha * soft + (1 - alpha) * hard`` (hard alone without a teacher)."""
+    def distillation_loss(
+        self, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None, *, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """``{"loss", "soft", "hard"}``: ``soft_weight * alpha * soft + (1 - alpha) * hard`` (hard alone without a teacher).
+
+        ``mask``: for sequence outputs ``(B, S, V)``, the valid token positions ``(B, S)`` (see
+        :func:`~lightning_kd.batch.valid_positions`): every term is then a mean over them. It is passed only
+        for sequence outputs, so an override with the three positional arguments keeps working for classification.
+        """
         zero = 0.0 * student_out.float().sum()  # graph-connected zero for a missing term
         hard = zero if targets is None else self._hard(student_out, targets)
         if teacher_out is None:
             return {"loss": hard, "soft": zero, "hard": hard}
         classes = class_per_position(teacher_out, targets, type(self.soft_loss).__name__) if self.soft_loss.needs_targets else None
-        soft = self.soft_loss(student_out, teacher_out, classes)
+        soft = self.soft_loss(student_out, teacher_out, classes, mask=mask)
         return {"loss": self.soft_weight * self.alpha * soft + (1.0 - self.alpha) * hard, "soft": soft, "hard": hard}
 
     def forward(self, x: Any) -> Any:
-        return self.student(x)
+        return call_model(self.student, x)
 
     # ------------------------------------------------------------------ steps
     def _forward(self, batch: Any, where: str, *, training: bool = False) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
@@ -275,34 +283,105 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             self._guard.check_teacher(teacher_out.values if isinstance(teacher_out, TopKLogits) else teacher_out, where)
         with batchnorm_batch_of_one():
             student_out = self.student_forward(inputs)
+        student_out, teacher_out = self._shared_vocabulary(student_out, teacher_out)
         if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.shape == student_out.shape[:-1]:
             self._guard.check_targets(targets, student_out.shape[-1], where)  # class indices: every batch
         return inputs, targets, student_out, teacher_out
 
+    #: Sequence models: the number of classes both models share (see :class:`~lightning_kd.CausalLMDistillation`);
+    #: None: the two must predict the same number of classes.
+    vocab_size: int | None = None
+
+    def _shared_vocabulary(self, student_out: Tensor, teacher_out: Tensor | TopKLogits | None) -> tuple[Tensor, Tensor | TopKLogits | None]:
+        """Both models' logits on their shared vocabulary: the first ``vocab_size`` classes; else refuse sizes that differ."""
+        sequences = student_out.dim() >= 3 and isinstance(teacher_out, Tensor) and teacher_out.shape[:-1] == student_out.shape[:-1]
+        teacher_size = teacher_out.shape[-1] if isinstance(teacher_out, Tensor) and (sequences or self.vocab_size is not None) else None
+        self.check_vocabularies(student_out.shape[-1], teacher_size)
+        if self.vocab_size is None:
+            return student_out, teacher_out
+        student_out = student_out[..., : self.vocab_size]
+        if isinstance(teacher_out, Tensor):
+            teacher_out = teacher_out[..., : self.vocab_size]
+        return student_out, teacher_out
+
+    def check_vocabularies(self, student_size: int, teacher_size: int | None) -> None:
+        """Refuse vocabularies of different sizes without ``vocab_size``, and a ``vocab_size`` above either of them.
+
+        Raises:
+            ValueError: naming both sizes.
+        """
+        if self.vocab_size is not None:
+            if min(student_size, teacher_size or student_size) < self.vocab_size:
+                raise ValueError(
+                    f"Expected `vocab_size` <= both models' vocabularies, but got vocab_size={self.vocab_size} with a student "
+                    f"of {student_size} classes" + (f" and a teacher of {teacher_size}." if teacher_size is not None else ".")
+                )
+        elif teacher_size is not None and teacher_size != student_size:
+            raise ValueError(
+                f"The teacher's vocabulary has {teacher_size} entries and the student's {student_size}. If "
+                "they share a tokenizer and one of them is padded (e.g. to a multiple of 64), pass `vocab_size=` the "
+                "tokenizer's size to CausalLMDistillation: both are then compared on their first `vocab_size` classes. "
+                "Models with different tokenizers cannot be distilled token by token."
+            )
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The step's loss. For sequence outputs, the loss *summed* over the step's valid tokens: Lightning
+        divides it by ``accumulate_grad_batches`` and DDP averages the gradients over ranks, and
+        :meth:`on_before_optimizer_step` then divides the gradients by the valid tokens of the global batch, so
+        that micro-batches with different numbers of valid tokens give the gradient of the one big batch.
+        The logged ``train/loss`` is the step's mean per valid token."""
         where = f"training step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
-        inputs, targets, student_out, teacher_out = self._forward(batch, where, training=True)
-        losses = self.distillation_loss(student_out, teacher_out, targets)
-        n = batch_utils.batch_size(inputs)
+        losses, inputs, targets, mask, student_out, teacher_out = self._training_losses(batch, where)
+        rows = batch_utils.batch_size(inputs)
+        n: Any = rows if mask is None else mask.sum()  # sequences: the epoch means weigh each step by its valid tokens
         if self.feature_distillation is not None:
-            terms = self.feature_distillation.losses()
+            terms = self.feature_distillation.losses() if mask is None else self.feature_distillation.losses(mask=mask)
             self.feature_distillation.clear()  # the captured activations hold the graph: drop them after use
             losses["loss"] = losses["loss"] + self.feature_distillation.weighted_sum(terms)
             for key, value in terms.items():
-                self.log(f"train/feature_{key}", value.detach(), on_step=True, on_epoch=False, batch_size=n)
+                self.log(f"train/feature_{key}", value.detach(), on_step=True, on_epoch=False, batch_size=rows)
         if self.soft_loss.learned:
-            self.log("train/temperature", self.temperature, on_step=True, on_epoch=False, batch_size=n)
+            self.log("train/temperature", self.temperature, on_step=True, on_epoch=False, batch_size=rows)
         for name, key in (("loss", "loss"), ("soft_loss", "soft"), ("hard_loss", "hard")):
             value = losses[key].detach()
             # Per step: this rank's value, no collective. Per epoch: a torchmetrics mean, which Lightning
             # reduces across ranks at the epoch's end.
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=n)
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=rows)
             self.metrics[f"train_{name}_epoch"].update(value, weight=n)
             self._log_metric("train", f"{name}_epoch")
-        self._update_metrics("train", student_out, teacher_out, targets)
+        if student_out is not None:  # None when the loss never materialised the logits (a fused loss)
+            self._update_metrics("train", student_out, teacher_out, targets, mask)
         self._guard.check_loss(losses["loss"], where)
-        return losses["loss"]
+        if mask is None:
+            return losses["loss"]
+        tokens = n.float()
+        self._window_tokens = tokens if self._window_tokens is None else self._window_tokens + tokens
+        return losses["loss"] * tokens
+
+    def _training_losses(self, batch: Any, where: str) -> tuple[dict[str, Tensor], Any, Tensor | None, Tensor | None, Tensor | None, Any]:
+        """``(losses, inputs, targets, mask, student_out, teacher_out)`` of a training batch: the terms of
+        :meth:`distillation_loss`, and ``mask`` the valid positions of sequence outputs (None otherwise)."""
+        inputs, targets, student_out, teacher_out = self._forward(batch, where, training=True)
+        mask = batch_utils.valid_positions(inputs, targets, student_out)
+        if mask is None:
+            return self.distillation_loss(student_out, teacher_out, targets), inputs, targets, None, student_out, teacher_out
+        return self.distillation_loss(student_out, teacher_out, targets, mask=mask), inputs, targets, mask, student_out, teacher_out
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sequence outputs: divide the gradients by the valid tokens of the global batch (every micro-batch of the
+        accumulation window, on every rank), undoing Lightning's division by ``accumulate_grad_batches`` and DDP's
+        mean over ranks. Before gradient clipping, which then sees the gradient of the token mean."""
+        tokens, self._window_tokens = self._window_tokens, None
+        if tokens is None:
+            return
+        total = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -322,23 +401,28 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         return self.student_forward(inputs)
 
     def _eval_step(self, stage: str, batch: Any, where: str) -> None:
-        _, targets, student_out, teacher_out = self._forward(batch, where)
+        inputs, targets, student_out, teacher_out = self._forward(batch, where)
         self._guard.check_student(student_out, where)  # in training a non-finite output makes the loss non-finite
+        mask = batch_utils.valid_positions(inputs, targets, student_out)
         if targets is not None:
-            self.metrics[f"{stage}_loss"].update(self._hard(student_out, targets))
+            hard = self._hard(student_out, targets)
+            # sequences: a mean over the epoch's valid tokens, not a mean of batch means
+            self.metrics[f"{stage}_loss"].update(hard, weight=1 if mask is None else (targets != IGNORE_INDEX).sum())
             self._log_metric(stage, "loss")
-        self._update_metrics(stage, student_out, teacher_out, targets)
+        self._update_metrics(stage, student_out, teacher_out, targets, mask)
 
     def _hard(self, student_out: Tensor, targets: Tensor) -> Tensor:
         if isinstance(self.hard_loss, (HardCrossEntropyLoss, HardMSELoss)):  # targets were checked by the guard, without a sync
             return self.hard_loss(student_out, targets, check_values=False)
         return self.hard_loss(student_out, targets)
 
-    def _update_metrics(self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None) -> None:
+    def _update_metrics(
+        self, stage: str, student_out: Tensor, teacher_out: Tensor | TopKLogits | None, targets: Tensor | None, mask: Tensor | None
+    ) -> None:
         # the frozen teacher's validation accuracy is logged once (not during the sanity check)
         once = stage != "val" or not (self._teacher_acc_logged or self.trainer.sanity_checking)
         updated = self.metrics.accumulate(stage, student_out, teacher_out, targets,
-                                          compare=self.soft_loss.compares_distributions, teacher_metrics=once)
+                                          compare=self.soft_loss.compares_distributions, teacher_metrics=once, mask=mask)
         for key in updated:
             self._log_metric(stage, key.split("_", 1)[1])
 

@@ -166,6 +166,14 @@ def extract_logits(output: Any) -> Tensor:
     )
 
 
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict of keyword inputs (Hugging Face batches: ``input_ids``, ``attention_mask``, ...),
+    else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    return model(inputs)
+
+
 def floating_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of a model's floating parameters, if they all share one."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
@@ -238,9 +246,9 @@ class TeacherEnsemble(nn.ModuleDict):
             if name in self.dtypes:
                 device = next(iter(member.parameters()), torch.empty(0)).device
                 with torch.autocast(device_type=device.type, enabled=False):
-                    logits = extract_logits(member(cast_inputs(inputs, member)))
+                    logits = extract_logits(call_model(member, cast_inputs(inputs, member)))
             else:
-                logits = extract_logits(member(cast_inputs(inputs, member)))
+                logits = extract_logits(call_model(member, cast_inputs(inputs, member)))
             term = self.weights[name] * logits.float()
             combined = term if combined is None else combined + term
         return combined
