@@ -3,12 +3,18 @@
 Plain torch. Names are those of ``model.named_modules()`` on the bare model; the prefixes that
 wrappers add (DDP and DataParallel's ``module.``, ``torch.compile``'s ``_orig_mod.``) are accepted
 and ignored, so a name copied from a printed wrapped model works too.
+
+What a layer returns is reduced to one tensor by :func:`first_tensor`: a tensor as it is; a tuple
+or list (Hugging Face blocks of older ``transformers`` return ``(hidden_states, ...)``) to its first
+element that holds a tensor; a dict or ``ModelOutput`` to its ``last_hidden_state``, else its
+``hidden_states`` (the last of them when it is a tuple of every layer's), else its first value that
+holds a tensor. A layer whose output holds no tensor is an error naming the layer and the type.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 import torch  # noqa: F401  (the doctest uses it)
 from torch import Tensor, nn
@@ -60,16 +66,51 @@ def resolve_modules(model: nn.Module, names: Iterable[str], *, setting: str = "l
     return resolved
 
 
+def first_tensor(value: Any) -> Tensor | None:
+    """The tensor that stands for a layer's output (see the module's docstring), or None if it holds none.
+
+    Example::
+
+        >>> first_tensor((None, torch.ones(2), torch.zeros(3))).shape
+        torch.Size([2])
+        >>> first_tensor({"logits": torch.ones(1), "last_hidden_state": torch.zeros(2, 4)}).shape
+        torch.Size([2, 4])
+        >>> first_tensor({"hidden_states": (torch.ones(1), torch.zeros(3))}).shape  # the last layer's
+        torch.Size([3])
+        >>> first_tensor(("text", None)) is None
+        True
+    """
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, Mapping):  # dicts, and transformers' ModelOutput (an OrderedDict of its non-None fields)
+        if value.get("last_hidden_state") is not None:
+            return first_tensor(value["last_hidden_state"])
+        hidden = value.get("hidden_states")
+        if isinstance(hidden, (tuple, list)) and hidden:
+            hidden = hidden[-1]  # (embeddings, layer 1, ..., layer N): the last is what last_hidden_state would be
+        if hidden is not None and (found := first_tensor(hidden)) is not None:
+            return found
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if (found := first_tensor(item)) is not None:
+                return found
+    return None
+
+
 class FeatureHooks:
     """Forward hooks that keep the last output (or input) of named submodules.
 
     Args:
         model: the model to watch (bare, or wrapped by DDP / ``torch.compile``).
         names: submodule names as in ``model.named_modules()``.
-        capture: ``"output"`` (the submodule's return value) or ``"input"`` (its first positional argument).
+        capture: ``"output"`` (the submodule's return value) or ``"input"`` (its first positional
+            argument that holds a tensor), reduced to one tensor by :func:`first_tensor`.
 
     Raises:
         ValueError: for an unknown name (with close matches) or an unknown ``capture``.
+        TypeError: in the model's forward, when a hooked layer's output (or positional input) holds
+            no tensor; the message names the layer and the type.
 
     Example::
 
@@ -89,16 +130,27 @@ class FeatureHooks:
         self.names = list(dict.fromkeys(names))
         self.capture = capture
         self.features: dict[str, Tensor] = {}
+        self._model_name = type(unwrap(model)).__name__
         self._handles = [
             module.register_forward_hook(self._hook(name)) for name, module in resolve_modules(model, self.names).items()
         ]
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            value = output if self.capture == "output" else args[0]
-            if isinstance(value, (tuple, list)):
-                value = value[0]
-            self.features[name] = value
+            value = output if self.capture == "output" else args
+            feature = first_tensor(value)
+            if feature is None and self.capture == "input":
+                raise TypeError(
+                    f"Layer {name!r} of {self._model_name} was called without a tensor among its positional arguments (keyword "
+                    "arguments are not seen by a forward hook): capture the output of the layer before it instead."
+                )
+            if feature is None:
+                raise TypeError(
+                    f"Layer {name!r} of {self._model_name} returned {type(output).__name__}, in which a feature hook finds no "
+                    "tensor. A hooked layer must return a tensor, a tuple or list holding one, or a dict/ModelOutput with "
+                    "`last_hidden_state` or `hidden_states`: hook the submodule that computes the hidden states instead."
+                )
+            self.features[name] = feature
 
         return hook
 

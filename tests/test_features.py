@@ -202,7 +202,7 @@ def test_fitnet_adapters_are_built_trained_and_kept_out_of_the_student(tmp_path)
     fit = trainer(max_epochs=2, default_root_dir=tmp_path, enable_checkpointing=True)
     fit.fit(module, loader())
     adapter = module.feature_distillation.adapters["fitnet_0"]
-    assert module.feature_distillation.adapter_shapes == {"fitnet_0": ([8, 100], [8, 64, 5])}  # the first batch's
+    assert module.feature_distillation.adapter_shapes == {"fitnet_0": ([8, 100], [8, 64, 5], "channels_first")}  # the first batch's
     # trained with the student: in its optimizer
     optimized = {id(p) for g in fit.optimizers[0].param_groups for p in g["params"]}
     assert all(id(p) in optimized for p in adapter.parameters())
