@@ -6,7 +6,8 @@ Example::
 
     >>> from lightning_kd.models import get_model, list_models
     >>> list_models()  # doctest: +NORMALIZE_WHITESPACE
-    ['cnn1d', 'mlp', 'resnet20', 'resnet32x4', 'resnet56', 'resnet8x4',
+    ['cnn1d', 'gpt', 'gpt_student', 'gpt_teacher',
+     'mlp', 'resnet20', 'resnet32x4', 'resnet56', 'resnet8x4',
      'vgg13', 'vgg8', 'wrn_16_2', 'wrn_40_2']
     >>> get_model("resnet8x4", num_classes=10).fc.out_features
     10
@@ -22,11 +23,14 @@ from lightning_kd.models.cifar_resnet import (
 )
 from lightning_kd.models.cifar_vgg import CifarVGG, vgg8, vgg13
 from lightning_kd.models.cifar_wrn import WideBasicBlock, WideResNet, wrn_16_2, wrn_40_2
+from lightning_kd.models.gpt import GPT, GPTModel, gpt_student, gpt_teacher
 from lightning_kd.models.mnist1d import CNN1D, MLP
 from lightning_kd.models.registry import get_model, list_models, register_model
 
 __all__ = [
     "CNN1D",
+    "GPT",
+    "GPTModel",
     "MLP",
     "BasicBlock",
     "CifarResNet",
@@ -34,6 +38,8 @@ __all__ = [
     "WideBasicBlock",
     "WideResNet",
     "get_model",
+    "gpt_student",
+    "gpt_teacher",
     "list_models",
     "register_model",
     "resnet8x4",
