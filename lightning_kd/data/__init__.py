@@ -1,5 +1,6 @@
 """Datamodules that the distillation module is given, and replayable augmentations."""
 
 from lightning_kd.data.mnist1d import MNIST1DDataModule
+from lightning_kd.data.text import ByteTextDataModule
 
-__all__ = ["MNIST1DDataModule"]
+__all__ = ["ByteTextDataModule", "MNIST1DDataModule"]
