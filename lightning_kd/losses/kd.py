@@ -23,14 +23,17 @@ from lightning_kd.losses._reduction import (
 )
 from lightning_kd.losses.base import LogitLoss
 from lightning_kd.losses.ctkd import LearnableTemperature
+from lightning_kd.losses.sampled import SampledLogits, check_sampled_pair, sampled_kl_per_position
 from lightning_kd.losses.topk import TopKLogits, check_topk_pair, collapse_student, topk_log_probs
 
-Teacher = Tensor | TopKLogits
+Teacher = Tensor | TopKLogits | SampledLogits
 
 
 def check_teacher(student_logits: Tensor, teacher: Teacher) -> None:
-    """Shape checks for full (``(..., C)``) or top-k teacher targets."""
-    if isinstance(teacher, TopKLogits):
+    """Shape checks for full (``(..., C)``), top-k or sampled teacher targets."""
+    if isinstance(teacher, SampledLogits):
+        check_sampled_pair(student_logits, teacher, teacher.temperature)
+    elif isinstance(teacher, TopKLogits):
         check_topk_pair(student_logits, teacher)
     else:
         check_pair(student_logits, teacher)
@@ -44,8 +47,14 @@ def kl_per_position(
     Classes where the teacher's probability is exactly zero contribute zero, with a zero gradient,
     also when the student's logit is ``-inf`` too (a class masked in both); a class the teacher
     gives mass and the student ``-inf`` makes the KL ``+inf``. With :class:`TopKLogits` the sum
-    runs over the ``k + 1`` buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail).
+    runs over the ``k + 1`` buckets of :mod:`lightning_kd.losses.topk` (top-k classes and the tail);
+    with :class:`SampledLogits` it is the unbiased estimate of :mod:`lightning_kd.losses.sampled`.
     """
+    if isinstance(teacher_logits, SampledLogits):
+        if check_bool(standardize, "standardize"):
+            raise ValueError("`standardize=True` needs the teacher's full logits, but got sampled teacher targets.")
+        check_sampled_pair(student_logits, teacher_logits, temperature)
+        return sampled_kl_per_position(student_logits, teacher_logits, temperature)
     log_p_s = log_probs(student_logits, temperature, standardize=standardize)
     if isinstance(teacher_logits, TopKLogits):
         if check_bool(standardize, "standardize"):
@@ -86,7 +95,10 @@ def kd_loss(
         - student_logits: :math:`(N, C)` or :math:`(B, S, C)`.
         - teacher_logits: same shape as ``student_logits``, or a :class:`TopKLogits` of the same
           leading shape (a top-k cache: the loss is then the KL over the teacher's top-k classes
-          plus one tail bucket, see :mod:`lightning_kd.losses.topk`).
+          plus one tail bucket, see :mod:`lightning_kd.losses.topk`), or a :class:`SampledLogits`
+          of the same leading shape (sampled tokens: the per-position KL is then replaced by its
+          unbiased importance-weighted estimate, see :mod:`lightning_kd.losses.sampled`; the loss
+          then runs at the targets' temperature only).
         - mask: ``student_logits.shape[:-1]`` (bool, True = position counts), optional.
         - Output: scalar, float32.
 
@@ -102,7 +114,7 @@ def kd_loss(
 
     Raises:
         ValueError: if the shapes differ, ``temperature`` is not a finite number > 0 or the mask
-            has the wrong shape.
+            has the wrong shape; for sampled targets, a temperature other than theirs.
 
     Example::
 
@@ -163,7 +175,8 @@ class KDLoss(LogitLoss):
     r"""Hinton's KD loss as a module: :func:`kd_loss` with the options fixed at construction.
 
     ``forward(student_logits, teacher_logits, targets=None, *, mask=None)``; ``targets`` are not used.
-    Accepts :class:`TopKLogits` teacher targets (a top-k store).
+    Accepts :class:`TopKLogits` teacher targets (a top-k store) and :class:`SampledLogits` (a
+    sampled store, at the temperature it was sampled for).
 
     Args:
         temperature: :math:`T`, a finite number > 0, or a :class:`~lightning_kd.losses.LearnableTemperature` (CTKD).
@@ -178,6 +191,8 @@ class KDLoss(LogitLoss):
     """
 
     accepts_topk = True
+    #: The teacher may be :class:`SampledLogits` (a sampled store): the only loss with an unbiased estimate for them.
+    accepts_sampled = True
 
     def __init__(self, temperature: float | LearnableTemperature = 4.0, *, scale_by_t2: bool = True, standardize: bool = False) -> None:
         super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
