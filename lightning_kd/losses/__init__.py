@@ -19,6 +19,7 @@ from lightning_kd.losses.dkd import DKDLoss, dkd_loss
 from lightning_kd.losses.feature import ATLoss, FitNetLoss, RKDLoss, at_loss, attention_map, build_adapter, fitnet_loss, rkd_loss
 from lightning_kd.losses.hard import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, cross_entropy_loss, mse_loss
 from lightning_kd.losses.kd import KDLoss, SoftMSELoss, check_teacher, kd_loss, kl_per_position, soft_mse_loss
+from lightning_kd.losses.sampled import SampledLogits
 from lightning_kd.losses.topk import TopKLogits
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LogitLoss",
     "RKDLoss",
     "ReverseKLLoss",
+    "SampledLogits",
     "SkewKLLoss",
     "SoftMSELoss",
     "TopKLogits",
