@@ -7,8 +7,13 @@ is allowed only for the interrupted build of a store that carries our marker and
 holds nothing but what our writer creates; anything else is left untouched.
 
 Formats:
-    2: ``"kind": "lightning-kd soft-target store"`` and ``"format": 2`` (written by this version).
-    1: no ``kind`` (earlier versions). Read when complete and valid (the layout is the same); never
+    3: sequence stores (written by this version for outputs ``(B, S, V)`` with per-position targets):
+       one row per valid token, ragged, with an ``offsets`` array per part (see
+       :mod:`lightning_kd.soft_targets.sequences`); the marker as in format 2, plus ``positions``,
+       ``sampled`` and each part's ``rows``.
+    2: ``"kind": "lightning-kd soft-target store"`` and ``"format": 2`` (written by this version): one
+       row per sample.
+    1: no ``kind`` (earlier versions). Read when complete and valid (the layout is the same as 2); never
        deleted, because without the marker a directory cannot be told apart from a user's own files.
 """
 
@@ -28,13 +33,17 @@ from lightning_kd.io import read_json
 log = logging.getLogger(__name__)
 
 KIND = "lightning-kd soft-target store"
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 2  # one row per sample
+SEQUENCE_FORMAT = 3  # one row per valid token (lightning_kd.soft_targets.sequences)
+READABLE_FORMATS = (1, 2, 3)
+WRITTEN_FORMATS = (FORMAT_VERSION, SEQUENCE_FORMAT)  # the formats whose unfinished builds carry our marker
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "bfloat16", "float32")
-ARRAYS = ("logits", "topk_values", "topk_indices", "tail_logsumexp", "params", "writes")
+ARRAYS = ("logits", "topk_values", "topk_indices", "tail_logsumexp", "params", "writes",
+          "offsets", "sample_weights", "sample_indices", "entropy")
 # Stored dtype name -> numpy dtype of the file (bfloat16 is kept as its uint16 bit pattern).
-NUMPY_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "int16": np.int16, "int32": np.int32, "uint8": np.uint8}
+NUMPY_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "int16": np.int16, "int32": np.int32,
+                "int64": np.int64, "uint8": np.uint8}
 # A part is a folder of the store: one plain name, no separator, not hidden (so never `.`, `..` or a temp file).
 PART_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # always fullmatch: `$` would let a trailing newline in
 PART_NAME_RULE = f"plain names matching {PART_NAME.pattern} (no `/`, not `.` or `..`, not {MANIFEST!r}, at most 200 characters)"
@@ -50,19 +59,46 @@ def valid_part_name(name: Any) -> bool:
 
 def array_files(spec: dict[str, Any], part: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """The arrays of ``part`` as ``{name: (shape, dtype)}``: what the writer creates and the reader expects."""
-    lead = (spec["epochs"], spec["parts"][part]["identity"]["length"])
     out = tuple(spec["output_shape"])
+    if spec.get("format") == SEQUENCE_FORMAT:
+        return sequence_files(spec, part)
+    lead = (spec["epochs"], spec["parts"][part]["identity"]["length"])
     files: dict[str, tuple[tuple[int, ...], str]] = {"writes": (lead, "uint8")}
     if spec["top_k"] is None:
         files["logits"] = (lead + out, spec["dtype"])
     else:
         k = spec["top_k"]
         files["topk_values"] = (lead + out[:-1] + (k,), spec["dtype"])
-        files["topk_indices"] = (lead + out[:-1] + (k,), "int32" if out[-1] > 32767 else "int16")
+        files["topk_indices"] = (lead + out[:-1] + (k,), index_dtype(out[-1]))
         files["tail_logsumexp"] = (lead + out[:-1], "float32")
     if spec["augmentation"] is not None:
         files["params"] = (lead + (spec["augmentation_params"],), "float32")
     return files
+
+
+def sequence_files(spec: dict[str, Any], part: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The arrays of a format-3 part as ``{name: (shape, dtype)}``: ``R`` rows, one per valid token (see
+    :mod:`lightning_kd.soft_targets.sequences`), and per sample its write count and the offsets of its rows."""
+    length, rows = spec["parts"][part]["identity"]["length"], spec["parts"][part]["rows"]
+    indices = index_dtype(spec["output_shape"][-1])
+    files: dict[str, tuple[tuple[int, ...], str]] = {"writes": ((length,), "uint8"), "offsets": ((length + 1,), "int64")}
+    if spec.get("sampled") is not None:
+        k = spec["sampled"]["k"]
+        files["sample_weights"] = ((rows, k), "float32")
+        files["sample_indices"] = ((rows, k), indices)
+        files["entropy"] = ((rows,), "float32")
+    elif spec["top_k"] is not None:
+        files["topk_values"] = ((rows, spec["top_k"]), spec["dtype"])
+        files["topk_indices"] = ((rows, spec["top_k"]), indices)
+        files["tail_logsumexp"] = ((rows,), "float32")
+    else:
+        files["logits"] = ((rows, spec["output_shape"][-1]), spec["dtype"])
+    return files
+
+
+def index_dtype(classes: int) -> str:
+    """The dtype of stored class indices: int16 up to 32,767 classes, else int32."""
+    return "int32" if classes > 32767 else "int16"
 
 
 def data_bytes(shape: tuple[int, ...], dtype: str) -> int:
@@ -72,6 +108,10 @@ def data_bytes(shape: tuple[int, ...], dtype: str) -> int:
 # ---------------------------------------------------------------------------------- schema
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 class _Schema:
@@ -103,6 +143,9 @@ class _Schema:
             "an int >= 0": _int(value) and value >= 0,
             "an int >= 1": _int(value) and value >= 1,
             "null or an int >= 1": value is None or (_int(value) and value >= 1),
+            "a number > 0": _positive(value),
+            "null or a number > 0": value is None or _positive(value),
+            "null or an object": value is None or isinstance(value, dict),
             "a bool": isinstance(value, bool),
             "an object": isinstance(value, dict),
             "a non-empty object": isinstance(value, dict) and bool(value),
@@ -123,7 +166,8 @@ def check_format(manifest: Any, file: Path, version: str) -> None:
     if fmt not in READABLE_FORMATS or isinstance(fmt, bool):
         raise RuntimeError(
             f"Soft-target store {file.parent} has format {fmt!r}, but this lightning-kd ({version}) reads formats "
-            f"{' and '.join(map(str, READABLE_FORMATS))}. Rebuild it."
+            "1 and 2. Rebuild it. (Formats 1 and 2 hold one row per sample; sequence stores, one row per valid token, "
+            "are format 3, which it reads too.)"
         )
     if fmt >= 2 and manifest.get("kind") != KIND:
         raise RuntimeError(f"The soft-target store manifest {str(file)!r} is invalid: format {fmt} needs `kind` {KIND!r}. Rebuild the store.")
@@ -156,12 +200,17 @@ def validate_manifest(manifest: dict[str, Any], file: Path) -> None:
             s.fail("augmentation_params", "null without augmentation", manifest["augmentation_params"])
     else:
         s.typed(manifest, "augmentation_params", "an int >= 0")
+    sequences = manifest.get("format") == SEQUENCE_FORMAT
+    if sequences:
+        _validate_sequence_keys(s, manifest)
     for name, info in s.typed(manifest, "parts", "a non-empty object").items():
         if not valid_part_name(name):
             s.fail("parts", f"keyed by {PART_NAME_RULE}", name)
         where = f"parts.{name}."
         if not isinstance(info, dict):
             s.fail(where[:-1], "an object", info)
+        if sequences:
+            s.typed(info, "rows", "an int >= 0", where)
         identity = s.typed(info, "identity", "an object", where)
         s.typed(identity, "length", "an int >= 1", where + "identity.")
         s.typed(identity, "class", "str", where + "identity.")
@@ -176,7 +225,8 @@ def validate_manifest(manifest: dict[str, Any], file: Path) -> None:
             if not isinstance(meta, dict):
                 s.fail(at[:-1], "an object", meta)
             if s.get(meta, "shape", at) != list(array_shape):
-                s.fail(at + "shape", f"{list(array_shape)} (from `epochs`, the part's length, `output_shape` and `top_k`)", meta["shape"])
+                source = "the part's length and rows, `output_shape`, `top_k` and `sampled`" if sequences else "`epochs`, the part's length, `output_shape` and `top_k`"
+                s.fail(at + "shape", f"{list(array_shape)} (from {source})", meta["shape"])
             if s.get(meta, "dtype", at) != dtype:
                 s.fail(at + "dtype", repr(dtype), meta["dtype"])
             if s.typed(meta, "bytes", "an int", at) < data_bytes(array_shape, dtype):
@@ -184,6 +234,24 @@ def validate_manifest(manifest: dict[str, Any], file: Path) -> None:
             sha = s.typed(meta, "sha256", "str", at)
             if not _SHA256.fullmatch(sha):
                 s.fail(at + "sha256", "64 lowercase hex digits", sha)
+
+
+def _validate_sequence_keys(s: _Schema, manifest: dict[str, Any]) -> None:
+    """The keys only a sequence store (format 3) has, and what it cannot have (views, a per-position shape)."""
+    s.typed(manifest, "positions", "str")
+    if manifest["epochs"] != 1 or manifest["augmentation"] is not None:
+        s.fail("epochs", "1 without augmentation in a sequence store", manifest["epochs"])
+    if len(manifest["output_shape"]) != 1:
+        s.fail("output_shape", "[vocabulary size] in a sequence store", manifest["output_shape"])
+    sampled = s.typed(manifest, "sampled", "null or an object")
+    if sampled is None:
+        return
+    if manifest["top_k"] is not None:
+        s.fail("top_k", "null in a store of sampled targets", manifest["top_k"])
+    s.typed(sampled, "k", "an int >= 1", "sampled.")
+    s.typed(sampled, "seed", "an int", "sampled.")
+    s.typed(sampled, "temperature", "a number > 0", "sampled.")
+    s.typed(sampled, "proposal_temperature", "null or a number > 0", "sampled.")
 
 
 # ---------------------------------------------------------------------------------- what a directory holds
@@ -225,7 +293,7 @@ def inspect_store(path: str | os.PathLike[str]) -> tuple[StoreState, str, list[P
         return "complete", "it holds a finished soft-target store", []
     if legacy:
         return "foreign", "it holds the unfinished build of a format-1 store, which carries no marker to prove it is ours", []
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in WRITTEN_FORMATS:
         return "foreign", f"it holds the unfinished build of a format-{manifest.get('format')!r} store that this version does not know", []
     parts = manifest.get("parts")
     if not isinstance(parts, dict) or not all(valid_part_name(p) for p in parts):

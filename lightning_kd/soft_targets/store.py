@@ -14,7 +14,18 @@ Layout of a store directory::
     <part>/writes.npy              (E, N)                  how often each row was written (uint8)
 
 ``E`` is the number of recorded epochs (1 without augmentation), ``N`` the part's dataset length,
-rows are keyed by sample index. A part is one training dataset (``train``, or each loader of a
+rows are keyed by sample index. A *sequence* store (``"format": 3``, for outputs ``(B, S, V)`` with
+per-position targets) holds one row per valid token instead, ragged::
+
+    <part>/offsets.npy             (N + 1,)   int64: sample i's rows are offsets[i]:offsets[i + 1]
+    <part>/logits.npy              (R, V)     full logits, or with top-k:
+    <part>/topk_values.npy         (R, k)     / topk_indices.npy (R, k) / tail_logsumexp.npy (R,), or sampled:
+    <part>/sample_weights.npy      (R, K)     importance weights (float32),
+    <part>/sample_indices.npy      (R, K)     the sampled tokens,
+    <part>/entropy.npy             (R,)       the teacher's entropy per token (float32)
+    <part>/writes.npy              (N,)       how often each sample was written (uint8)
+
+(``R``: the part's valid tokens; see :mod:`lightning_kd.soft_targets.sequences`). A part is one training dataset (``train``, or each loader of a
 ``CombinedLoader``, e.g. ``labeled`` and ``unlabeled``). Arrays are plain ``.npy`` files (bfloat16
 is stored as its uint16 bit pattern): no pickle, no per-sample files, readable with ``np.load``.
 
@@ -44,6 +55,7 @@ from lightning_kd.soft_targets.manifest import (
     MANIFEST,
     NUMPY_DTYPES,
     PART_NAME_RULE,
+    SEQUENCE_FORMAT,
     check_format,
     valid_part_name,
     validate_manifest,
@@ -57,7 +69,9 @@ from lightning_kd.soft_targets.manifest import (  # noqa: F401  (re-exported: wh
     store_state,
 )
 from lightning_kd.io import file_sha256, read_json
+from lightning_kd.losses.sampled import SampledLogits
 from lightning_kd.losses.topk import TopKLogits
+from lightning_kd.soft_targets.sequences import LogitSampling, check_offsets, lookup_sequences
 
 _PROBES = 8  # samples fetched twice to detect random augmentation and hashed to identify the data
 
@@ -203,8 +217,12 @@ class SoftTargetStore:
         validate_manifest(manifest, manifest_path)  # part names, file names, shapes, dtypes: before any file is opened
         self.manifest = manifest
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
+        self.offsets: dict[str, np.ndarray] = {}  # sequence stores: each part's row ranges, in memory
         for part, info in manifest["parts"].items():
             self.arrays[part] = {name: self._open_array(part, name, meta, verify) for name, meta in info["files"].items()}
+            if self.sequences:
+                self.offsets[part] = np.array(self.arrays[part]["offsets"])
+                check_offsets(self.offsets[part], info["rows"], f"{self.path}/{part}")
 
     @staticmethod
     def is_complete(path: str | os.PathLike[str]) -> bool:
@@ -270,11 +288,26 @@ class SoftTargetStore:
         return self.manifest["dtype"]
 
     @property
+    def sequences(self) -> bool:
+        """Whether this is a sequence store: one row per valid token (format 3; :meth:`lookup` then needs the mask)."""
+        return self.manifest["format"] == SEQUENCE_FORMAT
+
+    @property
+    def sampled(self) -> LogitSampling | None:
+        """How the targets were sampled, for a store of sampled targets (None otherwise)."""
+        entry = self.manifest.get("sampled")
+        return None if entry is None else LogitSampling.from_manifest(entry)
+
+    @property
     def teacher_fingerprint(self) -> str:
         return self.manifest["teacher"]["fingerprint"]
 
     def __repr__(self) -> str:
         sizes = {p: i["identity"]["length"] for p, i in self.manifest["parts"].items()}
+        if self.sequences:
+            tokens = {p: i["rows"] for p, i in self.manifest["parts"].items()}
+            return (f"SoftTargetStore({str(self.path)!r}, parts={sizes}, tokens={tokens}, dtype={self.dtype}, top_k={self.top_k}, "
+                    f"sampled={self.sampled})")
         return f"SoftTargetStore({str(self.path)!r}, parts={sizes}, epochs={self.epochs}, dtype={self.dtype}, top_k={self.top_k})"
 
     # -- checks
@@ -325,10 +358,29 @@ class SoftTargetStore:
     def _epoch(self, epoch: int) -> int:
         return epoch % self.epochs  # a run longer than the recording replays the recorded views in a cycle
 
-    def lookup(self, part: str, index: Tensor, epoch: int = 0) -> Tensor | TopKLogits:
+    def lookup(self, part: str, index: Tensor, epoch: int = 0, *, mask: Tensor | None = None) -> Tensor | TopKLogits | SampledLogits:
         """The teacher's outputs for samples ``index`` (``(B,)``) at ``epoch``: a CPU tensor in the stored
-        dtype, ``(B, *output_shape)``, or :class:`TopKLogits` for a top-k store."""
+        dtype, ``(B, *output_shape)``, or :class:`TopKLogits` for a top-k store.
+
+        A sequence store needs ``mask``, the batch's valid positions ``(B, S)`` (bool; ``targets != -100``),
+        and returns ``(B, S, V)`` logits, :class:`TopKLogits` or :class:`SampledLogits` of leading shape
+        ``(B, S)``: each sample's rows in its valid positions, in order, and a filler elsewhere
+        (:func:`~lightning_kd.soft_targets.sequences.lookup_sequences`). Other stores ignore ``mask``.
+
+        Raises:
+            IndexError: for an index outside the part.
+            RuntimeError: for a sequence store without ``mask``, or a sample whose valid positions in ``mask``
+                are not as many as the rows stored for it (other labels, prompt masks or ``unpack_batch``).
+        """
         arrays, e, rows = self._part(part), self._epoch(epoch), self._rows(part, index)
+        if self.sequences:
+            if mask is None:
+                raise RuntimeError(
+                    f"Soft-target store {self.path} holds one row per valid token of a sequence: looking samples up needs the "
+                    "batch's valid positions (`mask=targets != -100`, (batch, sequence)). DistillationModule passes them for "
+                    "integer (batch, sequence) targets from `unpack_batch` (CausalLMDistillation's shifted labels)."
+                )
+            return lookup_sequences(arrays, self.offsets[part], self.manifest, rows, mask, store=self.path, part=part)
         if self.top_k is None:
             return _from_numpy(arrays["logits"][e][rows], self.dtype)
         return TopKLogits(
