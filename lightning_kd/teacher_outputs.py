@@ -5,6 +5,10 @@ code path for both. Each says which view of the inputs both models see (a replay
 drawn from ``(seed, epoch, sample index)`` online, replayed from the store offline) and gives the
 teacher's outputs on it. Validation and test batches always take the teacher's own forward (when
 there is a teacher): the store holds the training data only.
+
+Both are called as ``outputs(module, inputs, indexed, epoch, mask=None)``; ``mask`` is the batch's
+valid positions ``(B, S)`` for sequence targets (``targets != -100``), which a sequence store needs
+to place each sample's stored tokens.
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ import torch
 from torch import Tensor
 
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.losses import LogitLoss, TopKLogits
+from lightning_kd.losses import LogitLoss, SampledLogits, TopKLogits
 from lightning_kd.soft_targets.batches import SoftTargetBatch
+from lightning_kd.soft_targets.sequences import positions_rule
 from lightning_kd.soft_targets.store import SoftTargetStore
 
 if TYPE_CHECKING:
     from lightning_kd.module import DistillationModule
 
-Outputs = Tensor | TopKLogits
+Outputs = Tensor | TopKLogits | SampledLogits
 
 
 class TeacherOutputs:
@@ -61,7 +66,10 @@ class TeacherOutputs:
         # no sample indices: draws keyed by the step instead, still a pure function (resume-safe)
         return self.augmentation.sample(self.seed, step, torch.arange(len(inputs)))
 
-    def __call__(self, module: "DistillationModule", inputs: Any, indexed: list[SoftTargetBatch] | None, epoch: int) -> Outputs | None:
+    def __call__(
+        self, module: "DistillationModule", inputs: Any, indexed: list[SoftTargetBatch] | None, epoch: int, mask: Tensor | None = None
+    ) -> Outputs | None:
+        """The teacher's outputs on ``inputs`` (``mask``, the valid positions of sequence targets, is not needed online)."""
         return None if module.teacher is None else module.teacher_forward(inputs)
 
 
@@ -81,7 +89,28 @@ class StoredTeacherOutputs(TeacherOutputs):
         self.store = store
 
     def check_loss(self, loss: LogitLoss) -> None:
-        """Refuse a loss that needs full teacher logits when the store keeps only the top-k."""
+        """Refuse a loss that needs full teacher logits when the store keeps only the top-k, and for sampled
+        targets any loss but one that accepts them, at the temperature they were sampled for.
+
+        Raises:
+            ValueError: naming the loss (and for sampled targets, both temperatures).
+        """
+        sampling = self.store.sampled
+        if sampling is not None:
+            if not getattr(loss, "accepts_sampled", False) or loss.standardize:
+                raise ValueError(
+                    f"{type(loss).__name__}{' with standardize=True' if loss.standardize else ''} needs full teacher outputs, but "
+                    f"the soft-target store holds {sampling.k} sampled tokens per position; only a loss that accepts sampled "
+                    "targets (KDLoss) distils from it."
+                )
+            if loss.learned or float(loss.temperature) != sampling.temperature:
+                given = "a learned temperature" if loss.learned else f"temperature {loss.temperature}"
+                raise ValueError(
+                    f"The soft-target store's sampled targets estimate the teacher at T={sampling.temperature}, but "
+                    f"{type(loss).__name__} has {given}: set `temperature={sampling.temperature}` (a sampled store cannot "
+                    "be read at another temperature; build it with `LogitSampling(temperature=...)`)."
+                )
+            return
         if self.store.top_k is not None and (not loss.accepts_topk or loss.standardize):
             raise ValueError(
                 f"{type(loss).__name__}{' with standardize=True' if loss.standardize else ''} needs full teacher outputs, but "
@@ -92,9 +121,34 @@ class StoredTeacherOutputs(TeacherOutputs):
     def _params(self, inputs: Tensor, indexed: list[SoftTargetBatch] | None, epoch: int, step: int) -> Tensor:
         return torch.cat([self.store.augmentation_params(b.part, b.index, epoch) for b in self._require(indexed)])
 
-    def __call__(self, module: "DistillationModule", inputs: Any, indexed: list[SoftTargetBatch] | None, epoch: int) -> Outputs:
-        parts = [self.store.lookup(b.part, b.index, epoch) for b in self._require(indexed)]
+    def __call__(
+        self, module: "DistillationModule", inputs: Any, indexed: list[SoftTargetBatch] | None, epoch: int, mask: Tensor | None = None
+    ) -> Outputs:
+        """The stored outputs of the batch's samples; a sequence store places them with ``mask`` ``(B, S)``.
+
+        Raises:
+            RuntimeError: for a batch without sample indices, or (sequence store) without ``mask`` or with
+                a sample whose valid positions are not as many as the store holds for it.
+        """
+        batches = self._require(indexed)
+        if self.store.sequences:
+            self._check_positions(module)
+        masks: list[Tensor | None] = [None] * len(batches)
+        if mask is not None and self.store.sequences:  # the rows of a combined batch, loader after loader
+            masks = list(mask.split([b.index.numel() for b in batches]))
+        parts = [self.store.lookup(b.part, b.index, epoch, mask=m) for b, m in zip(batches, masks)]
         return _concat(parts).to(module.device)
+
+    def _check_positions(self, module: "DistillationModule") -> None:
+        """Refuse a module whose ``unpack_batch`` is not the one whose targets placed the store's tokens."""
+        recorded, given = self.store.manifest["positions"], positions_rule(module)
+        if recorded != given:
+            raise RuntimeError(
+                f"Soft-target store {self.store.path} holds the teacher's tokens at the valid positions of "
+                f"`{recorded}`, but this module's are `{given}`: a different rule (e.g. the causal shift) would pair each "
+                "stored token with another position. Train with the module class the store was built with (or one that "
+                "inherits its `unpack_batch`), or build the store from this module: `build_soft_targets(module, data, path)`."
+            )
 
     @staticmethod
     def _require(indexed: list[SoftTargetBatch] | None) -> list[SoftTargetBatch]:
@@ -110,6 +164,8 @@ class StoredTeacherOutputs(TeacherOutputs):
 def _concat(parts: list[Outputs]) -> Outputs:
     if len(parts) == 1:
         return parts[0]
+    if isinstance(parts[0], SampledLogits):
+        return SampledLogits(*(torch.cat(fields) for fields in list(zip(*parts))[:3]), parts[0].temperature)
     if isinstance(parts[0], TopKLogits):
         return TopKLogits(*(torch.cat(fields) for fields in zip(*parts)))
     return torch.cat(parts)

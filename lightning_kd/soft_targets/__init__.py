@@ -5,6 +5,9 @@
 - :mod:`~lightning_kd.soft_targets.build`: :func:`build_soft_targets`, one pass of the frozen teacher;
 - :mod:`~lightning_kd.soft_targets.batches`: training batches that carry their sample indices
   (:func:`with_soft_targets`, :class:`SoftTargetDataModule`);
+- :mod:`~lightning_kd.soft_targets.sequences`: sequence stores (one row per valid token, ragged) and
+  :class:`LogitSampling`, the sampled targets of Sparse Logit Sampling;
+- :mod:`~lightning_kd.soft_targets.writer`: :class:`~lightning_kd.soft_targets.writer.StoreWriter`, the files of a build;
 - :mod:`~lightning_kd.soft_targets.manifest`: the manifest's schema and which files are the store's.
 
 Names load on first use (PEP 562), so ``import lightning_kd.soft_targets.store`` needs no Lightning.
@@ -18,6 +21,7 @@ from typing import Any
 _EXPORTS = {
     "SoftTargetStore": "lightning_kd.soft_targets.store",
     "build_soft_targets": "lightning_kd.soft_targets.build",
+    "LogitSampling": "lightning_kd.soft_targets.sequences",
     "SoftTargetBatch": "lightning_kd.soft_targets.batches",
     "SoftTargetDataModule": "lightning_kd.soft_targets.batches",
     "with_soft_targets": "lightning_kd.soft_targets.batches",
