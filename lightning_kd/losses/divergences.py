@@ -11,7 +11,9 @@ With :math:`p_t = \mathrm{softmax}(z_t / T)`, :math:`p_s = \mathrm{softmax}(z_s 
 - generalised JSD (Agarwal et al., "On-Policy Distillation of Language Models", ICLR 2024):
   :math:`\beta\,\mathrm{KL}(p_t \| m) + (1 - \beta)\,\mathrm{KL}(p_s \| m)` with
   :math:`m = \beta p_t + (1 - \beta) p_s`; divided by :math:`\beta` it tends to forward KL as
-  :math:`\beta \to 0`, divided by :math:`1 - \beta` to reverse KL as :math:`\beta \to 1`;
+  :math:`\beta \to 0`, divided by :math:`1 - \beta` to reverse KL as :math:`\beta \to 1`. At the
+  ends themselves TRL's convention holds: :math:`\beta = 0` *is* forward KL, :math:`\beta = 1`
+  reverse KL;
 - skew KL (Ko et al., "DistiLLM", ICML 2024): :math:`\mathrm{KL}(p_t \| \lambda p_t + (1 - \lambda) p_s)`,
   forward KL at :math:`\lambda = 0`, bounded by :math:`-\log \lambda` for :math:`\lambda > 0`.
 
@@ -19,6 +21,10 @@ Like :func:`kd_loss` they multiply by :math:`T^2` unless ``scale_by_t2=False`` (
 default ``T = 1``, the LM recipes' setting), and like it they treat a class whose logit is ``-inf``
 in both models (a padded vocabulary) as absent: the value and the other classes' gradients are
 those of the unpadded logits, the padded classes' gradient is zero.
+
+Each divergence is also exposed per position, from the float32 log-probabilities
+(:func:`reverse_kl_per_position`, :func:`jsd_per_position`, :func:`skew_kl_per_position`): the
+losses here and the fused linear loss (:mod:`lightning_kd.losses.fused`) share that code.
 """
 
 from __future__ import annotations
@@ -60,6 +66,31 @@ def _check_unit(name: str, value: float, *, low_open: bool, high_open: bool) -> 
         raise ValueError(f"Expected `{name}` to be in {interval}, but got {value}.")
 
 
+def reverse_kl_per_position(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
+    r""":math:`\mathrm{KL}(p_s \| p_t)` per position, from float32 log-probabilities ``(..., C)``; shape ``(...)``."""
+    return kl_sum(log_p_s, log_p_t)
+
+
+def jsd_per_position(log_p_s: Tensor, log_p_t: Tensor, beta: float) -> Tensor:
+    r"""The generalised JSD per position, from float32 log-probabilities ``(..., C)``; shape ``(...)``.
+
+    ``beta = 0`` is exactly forward KL :math:`\mathrm{KL}(p_t \| p_s)` and ``beta = 1`` exactly
+    reverse KL :math:`\mathrm{KL}(p_s \| p_t)` (TRL's convention); in between, the mixture form.
+    ``beta`` is not checked here (the losses check it).
+    """
+    if beta == 0:
+        return kl_sum(log_p_t, log_p_s)
+    if beta == 1:
+        return kl_sum(log_p_s, log_p_t)
+    log_m = _log_mixture(log_p_t, log_p_s, beta)
+    return beta * kl_sum(log_p_t, log_m) + (1.0 - beta) * kl_sum(log_p_s, log_m)
+
+
+def skew_kl_per_position(log_p_s: Tensor, log_p_t: Tensor, skew: float) -> Tensor:
+    r""":math:`\mathrm{KL}(p_t \| \lambda p_t + (1 - \lambda) p_s)` per position (``skew`` = :math:`\lambda`, not checked here)."""
+    return kl_sum(log_p_t, _log_mixture(log_p_t, log_p_s, skew))
+
+
 def reverse_kl_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -97,7 +128,7 @@ def reverse_kl_loss(
         1.1504
     """
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
-    return _finish(kl_sum(log_p_s, log_p_t), mask, student_logits, temperature, scale_by_t2)
+    return _finish(reverse_kl_per_position(log_p_s, log_p_t), mask, student_logits, temperature, scale_by_t2)
 
 
 def jsd_loss(
@@ -117,9 +148,12 @@ def jsd_loss(
             \beta\,\mathrm{KL}(p^t_i \| m_i) + (1 - \beta)\,\mathrm{KL}(p^s_i \| m_i),
         \qquad m = \beta p^t + (1 - \beta) p^s
 
-    ``beta = 0.5`` is the symmetric JSD. The loss vanishes at both ends; as ``beta → 0`` it behaves
-    as ``beta ·`` forward KL, as ``beta → 1`` as ``(1 − beta) ·`` reverse KL (use :func:`kd_loss`
-    or :func:`reverse_kl_loss` for those).
+    ``beta = 0.5`` is the symmetric JSD. The mixture form vanishes towards both ends: as
+    ``beta → 0`` it behaves as ``beta ·`` forward KL, as ``beta → 1`` as ``(1 − beta) ·`` reverse KL.
+    The ends themselves follow TRL's convention (TRL ≥ 0.16): ``beta = 0`` is exactly forward KL,
+    :math:`\mathrm{KL}(p_t \| p_s)` (:func:`kd_loss` at the same ``T`` and ``scale_by_t2``), and
+    ``beta = 1`` exactly reverse KL, :math:`\mathrm{KL}(p_s \| p_t)` (:func:`reverse_kl_loss`). So
+    the loss jumps at the ends: ``beta = 1e-6`` gives about ``1e-6 ·`` forward KL, ``beta = 0`` all of it.
 
     Shape:
         - student_logits, teacher_logits: :math:`(N, C)` or :math:`(B, S, C)`, equal shapes.
@@ -128,14 +162,14 @@ def jsd_loss(
     Args:
         student_logits: the student's logits.
         teacher_logits: the teacher's logits.
-        beta: the teacher's weight in the mixture, in (0, 1).
+        beta: the teacher's weight in the mixture, in [0, 1]; 0 is forward KL, 1 reverse KL.
         temperature: :math:`T > 0`, finite, divides both logits.
         mask: positions to average over.
         scale_by_t2: multiply by :math:`T^2`.
         standardize: z-score both logit vectors first.
 
     Raises:
-        ValueError: if ``beta`` is not in (0, 1) (NaN included), the shapes differ, ``temperature``
+        ValueError: if ``beta`` is not in [0, 1] (NaN included), the shapes differ, ``temperature``
             is not a finite number > 0 or the mask has the wrong shape.
 
     Example::
@@ -144,11 +178,9 @@ def jsd_loss(
         >>> round(jsd_loss(s, t).item(), 4)
         0.2476
     """
-    _check_unit("beta", beta, low_open=True, high_open=True)
+    _check_unit("beta", beta, low_open=False, high_open=False)
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
-    log_m = _log_mixture(log_p_t, log_p_s, beta)
-    per_position = beta * kl_sum(log_p_t, log_m) + (1.0 - beta) * kl_sum(log_p_s, log_m)
-    return _finish(per_position, mask, student_logits, temperature, scale_by_t2)
+    return _finish(jsd_per_position(log_p_s, log_p_t, beta), mask, student_logits, temperature, scale_by_t2)
 
 
 def skew_kl_loss(
@@ -195,8 +227,7 @@ def skew_kl_loss(
     """
     _check_unit("skew", skew, low_open=False, high_open=True)
     log_p_s, log_p_t = log_prob_pair(student_logits, teacher_logits, temperature, standardize)
-    log_m = _log_mixture(log_p_t, log_p_s, skew)
-    return _finish(kl_sum(log_p_t, log_m), mask, student_logits, temperature, scale_by_t2)
+    return _finish(skew_kl_per_position(log_p_s, log_p_t, skew), mask, student_logits, temperature, scale_by_t2)
 
 
 class ReverseKLLoss(LogitLoss):
@@ -219,8 +250,10 @@ class ReverseKLLoss(LogitLoss):
 class JSDLoss(LogitLoss):
     """The generalised JSD of GKD as a module: :func:`jsd_loss` with ``beta`` fixed at construction.
 
+    ``beta = 0`` is exactly forward KL and ``beta = 1`` exactly reverse KL (TRL's convention).
+
     Raises:
-        ValueError: if ``beta`` is not in (0, 1), or the temperature is invalid.
+        ValueError: if ``beta`` is not in [0, 1], or the temperature is invalid.
 
     Example::
 
@@ -232,7 +265,7 @@ class JSDLoss(LogitLoss):
     def __init__(
         self, temperature: float | LearnableTemperature = 1.0, *, beta: float = 0.5, scale_by_t2: bool = True, standardize: bool = False
     ) -> None:
-        _check_unit("beta", beta, low_open=True, high_open=True)
+        _check_unit("beta", beta, low_open=False, high_open=False)
         super().__init__(temperature, scale_by_t2=scale_by_t2, standardize=standardize)
         self.beta = float(beta)
 
