@@ -17,6 +17,7 @@ from lightning_kd.losses.dist import DISTLoss, dist_loss
 from lightning_kd.losses.divergences import JSDLoss, ReverseKLLoss, SkewKLLoss, jsd_loss, reverse_kl_loss, skew_kl_loss
 from lightning_kd.losses.dkd import DKDLoss, dkd_loss
 from lightning_kd.losses.feature import ATLoss, FitNetLoss, RKDLoss, at_loss, attention_map, build_adapter, fitnet_loss, rkd_loss
+from lightning_kd.losses.fused import FusedLinearKDLoss, fused_linear_distillation_loss, fused_linear_kd_loss
 from lightning_kd.losses.hard import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, cross_entropy_loss, mse_loss
 from lightning_kd.losses.kd import KDLoss, SoftMSELoss, check_teacher, kd_loss, kl_per_position, soft_mse_loss
 from lightning_kd.losses.sampled import SampledLogits
@@ -28,6 +29,7 @@ __all__ = [
     "DISTLoss",
     "DKDLoss",
     "FitNetLoss",
+    "FusedLinearKDLoss",
     "HardCrossEntropyLoss",
     "HardMSELoss",
     "JSDLoss",
@@ -48,6 +50,8 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "fitnet_loss",
+    "fused_linear_distillation_loss",
+    "fused_linear_kd_loss",
     "jsd_loss",
     "kd_loss",
     "kl_per_position",
