@@ -20,6 +20,7 @@ except PackageNotFoundError:  # run from a source tree that was never installed
 
 _EXPORTS = {
     "DistillationAnnealing": "lightning_kd.callbacks",
+    "CausalLMDistillation": "lightning_kd.lm",
     "DistillationModule": "lightning_kd.module",
     "Speed": "lightning_kd.speed",
     "SoftTargetDataModule": "lightning_kd.soft_targets.batches",
@@ -27,6 +28,7 @@ _EXPORTS = {
     "build_soft_targets": "lightning_kd.soft_targets.build",
     "with_soft_targets": "lightning_kd.soft_targets.batches",
     "KDLoss": "lightning_kd.losses",
+    "OnPolicy": "lightning_kd.on_policy",
     "kd_loss": "lightning_kd.losses",
     "load_teacher": "lightning_kd.teachers",
     "load_weights": "lightning_kd.weights",

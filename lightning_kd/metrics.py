@@ -56,7 +56,7 @@ class DistillationMetrics(nn.ModuleDict):
             t = t.detach().float()
         if t is not None:
             check_teacher(s, t)  # before any metric compares them (the sanity check runs validation first)
-        top1 = None if t is None else (t.top1() if isinstance(t, TopKLogits) else t.argmax(-1))
+        top1 = None if t is None else (t.argmax(-1) if isinstance(t, Tensor) else t.top1())  # sparse targets: their top class
 
         def valid(values: Tensor) -> Tensor:  # padding never counts
             return values.flatten() if mask is None else values[mask]

@@ -19,7 +19,7 @@ from lightning_kd.checkpoint import (
     LOADING_CHECKPOINT, allow_missing_teacher_keys, check_objectives, drop_teacher_keys, fingerprint, objectives, plain,
 )
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.features import FeatureDistillation, FeatureTerm, feature_distillation
+from lightning_kd.features import FeatureDistillation, FeatureTerm, feature_distillation, token_mask
 from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
 from lightning_kd.hygiene import FrozenTeacher, attached_trainer
 from lightning_kd.losses import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
@@ -262,12 +262,15 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         return call_model(self.student, x)
 
     # ------------------------------------------------------------------ steps
-    def _forward(self, batch: Any, where: str, *, training: bool = False) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
+    def _forward(
+        self, batch: Any, where: str, *, training: bool = False, unpacked: tuple[Any, Tensor | None] | None = None
+    ) -> tuple[Any, Tensor | None, Tensor, Tensor | TopKLogits | None]:
         """``(inputs, targets, student_out, teacher_out)`` of a batch, with the teacher's outputs and the class
         targets checked (``where`` names the batch in the errors). Training batches take their view and teacher
-        outputs from ``teacher_outputs`` (online or stored), the others from the teacher's forward."""
+        outputs from ``teacher_outputs`` (online or stored), the others from the teacher's forward.
+        ``unpacked``: the batch's ``(inputs, targets)`` already unpacked (and e.g. replaced by generated ones)."""
         batch, indexed = batch_utils.split_indexed(batch)
-        inputs, targets = self.unpack_batch(batch)
+        inputs, targets = self.unpack_batch(batch) if unpacked is None else unpacked
         if batch_utils.is_empty(inputs):  # every mean over it would be NaN
             raise ValueError(f"The batch at {where} holds no sample: check the DataLoader (its sampler and `collate_fn`).")
         if isinstance(targets, Tensor) and targets.dtype not in (torch.int64, torch.bool) and not targets.is_floating_point():
@@ -276,11 +279,11 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             inputs = batch_utils.to_channels_last(inputs)
         if training:
             inputs = self.teacher_outputs.view(inputs, indexed, self.current_epoch, self.global_step)
-            teacher_out = self.teacher_outputs(self, inputs, indexed, self.current_epoch)
+            teacher_out = self.teacher_outputs(self, inputs, indexed, self.current_epoch, mask=targets != IGNORE_INDEX if isinstance(targets, Tensor) and targets.dim() >= 2 and not targets.is_floating_point() else None)
         else:
             teacher_out = None if self.teacher is None else self.teacher_forward(inputs)
         if teacher_out is not None:
-            self._guard.check_teacher(teacher_out.values if isinstance(teacher_out, TopKLogits) else teacher_out, where)
+            self._guard.check_teacher(teacher_out if isinstance(teacher_out, Tensor) else teacher_out[0], where)  # sparse targets: their values / weights
         with batchnorm_batch_of_one():
             student_out = self.student_forward(inputs)
         student_out, teacher_out = self._shared_vocabulary(student_out, teacher_out)
@@ -336,7 +339,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         rows = batch_utils.batch_size(inputs)
         n: Any = rows if mask is None else mask.sum()  # sequences: the epoch means weigh each step by its valid tokens
         if self.feature_distillation is not None:
-            terms = self.feature_distillation.losses() if mask is None else self.feature_distillation.losses(mask=mask)
+            # the inputs' own token mask (the targets' mask drops each sequence's last token, whose features are valid)
+            terms = self.feature_distillation.losses() if mask is None else self.feature_distillation.losses(mask=_feature_mask(inputs, student_out, mask))
             self.feature_distillation.clear()  # the captured activations hold the graph: drop them after use
             losses["loss"] = losses["loss"] + self.feature_distillation.weighted_sum(terms)
             for key, value in terms.items():
@@ -462,12 +466,12 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         if stage == "fit" and self.feature_distillation is not None:
             self.feature_distillation.attach()
             if self.feature_distillation.needs_adapters:
-                self._dry_forward()
-                self.feature_distillation.build_adapters()
+                self.feature_distillation.build_adapters(mask=self._dry_forward())
                 self.feature_distillation.clear()
 
-    def _dry_forward(self) -> None:
-        """One forward of both models in eval mode on an example batch, to see the hooked layers' shapes."""
+    def _dry_forward(self) -> Tensor | None:
+        """One forward of both models in eval mode on an example batch, to see the hooked layers' shapes; returns
+        the batch's token mask (sequence outputs) that tells the feature terms which features are sequences."""
         inputs = self.example_input_array
         if inputs is None:
             inputs, _ = self.unpack_batch(batch_utils.split_indexed(batch_utils.first_training_batch(self.trainer))[0])
@@ -476,7 +480,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         try:
             with torch.no_grad():
                 self.teacher_forward(inputs)
-                self.student_forward(inputs)
+                return token_mask(inputs, self.student_forward(inputs))
         finally:
             self.student.train(student_mode)
 
@@ -507,3 +511,11 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
         super().on_load_checkpoint(checkpoint)
 
+
+
+def _feature_mask(inputs: Any, student_out: Tensor | None, mask: Tensor) -> Tensor:
+    """The token mask of the feature terms: the inputs' attention mask (all tokens without one)."""
+    if student_out is not None:
+        return token_mask(inputs, student_out)
+    attention = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return attention != 0 if isinstance(attention, Tensor) else torch.ones_like(mask)

@@ -483,7 +483,8 @@ def test_fitnet_with_a_linear_adapter_on_sequence_features():
     assert isinstance(adapter, nn.Linear) and (adapter.in_features, adapter.out_features) == (8, 32)
     ids = torch.randint(0, 11, (3, 5))
     module.teacher_forward(ids), module.student_forward(ids)
-    value = module.feature_distillation.losses()["fitnet"]
+    # (B, S, V) logits: the module reads (B, S, D) features as sequences, with the batch's token mask (all valid here)
+    value = module.feature_distillation.losses(mask=torch.ones(3, 5, dtype=torch.bool))["fitnet"]
     expected = fitnet_loss(adapter(student.body(student.embed(ids))), teacher.body(teacher.embed(ids)))
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
     module.teardown("fit")
