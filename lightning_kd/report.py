@@ -21,7 +21,8 @@ from torch import nn
 from lightning_kd.io import atomic_write, atomic_write_text
 
 # Report rows in workflow order; other names follow alphabetically.
-ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_distilled_transfer")
+ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_distilled_stored", "student_on_policy",
+               "student_distilled_transfer")
 COLUMNS = (
     ("test_acc", "test acc", "{:.2%}"),
     ("params", "params", "{:,}"),
@@ -29,6 +30,19 @@ COLUMNS = (
     ("checkpoint_bytes", "ckpt KiB", None),
     ("latency_ms", "CPU ms/batch", "{:.3f}"),
 )
+# Language models (entries with a per-token cross-entropy): bits per token (bytes for a byte-level model),
+# inference throughput and the peak memory of a training step.
+LM_COLUMNS = (
+    ("test_bits_per_token", "bits/token", "{:.3f}"),
+    ("tokens_per_s", "CPU tokens/s", "{:,.0f}"),
+    ("step_peak_mib", "step peak MiB", "{:,.0f}"),
+)
+
+
+def columns(entries: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str | None], ...]:
+    """:data:`COLUMNS`, and :data:`LM_COLUMNS` when an entry has a bits-per-token value."""
+    lm = any(entry.get("test_bits_per_token") is not None for entry in entries.values())
+    return COLUMNS + LM_COLUMNS if lm else COLUMNS
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -45,12 +59,35 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup
 
     model = copy.deepcopy(model).to("cpu").float().eval()
     example = _to_cpu(example)
+    forward = (lambda: model(**example)) if isinstance(example, dict) else (lambda: model(example))  # noqa: E731  (HF-style keyword inputs)
     for _ in range(warmup):
-        model(example)
+        forward()
     start = time.perf_counter()
     for _ in range(repeats):
-        model(example)
+        forward()
     return (time.perf_counter() - start) / max(1, repeats) * 1e3
+
+
+def step_peak_mib(step: Any) -> float | None:
+    """Peak resident memory (MiB) that ``step()`` adds to the process, above its resident memory before it.
+
+    Linux only (None elsewhere): the kernel's high-water mark is reset first (``/proc/self/clear_refs``), so
+    earlier peaks do not count. Memory the allocator kept from before is reused and not counted: it is the
+    step's own footprint on top of what the process already holds.
+    """
+    status = Path("/proc/self/status")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib(status, "VmRSS")
+    except OSError:
+        return None
+    step()
+    return max(0.0, (_status_kib(status, "VmHWM") - before) / 1024)
+
+
+def _status_kib(status: Path, key: str) -> int:
+    line = next(line for line in status.read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1])
 
 
 def _to_cpu(x: Any) -> Any:
@@ -78,13 +115,13 @@ def _cell(key: str, value: Any, fmt: str | None) -> str:
 
 def table_rows(entries: dict[str, dict[str, Any]]) -> list[list[str]]:
     """Formatted cells, one row per entry in workflow order: name, then :data:`COLUMNS`."""
-    return [[name, *(_cell(key, entries[name].get(key), fmt) for key, _, fmt in COLUMNS)] for name in ordered(entries)]
+    return [[name, *(_cell(key, entries[name].get(key), fmt) for key, _, fmt in columns(entries))] for name in ordered(entries)]
 
 
 def markdown_table(entries: dict[str, dict[str, Any]]) -> str:
     """One row per entry: test accuracy, parameters, weights and checkpoint size, CPU latency per batch."""
-    header = "| model | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    header = "| model | " + " | ".join(title for _, title, _ in columns(entries)) + " |"
+    lines = [header, "|" + "---|" * (len(columns(entries)) + 1)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries)]
     return "\n".join(lines)
 
@@ -96,7 +133,7 @@ def print_table(entries: dict[str, dict[str, Any]]) -> None:
 
     table = Table(title="lightning-kd: teacher vs student (test set)")
     table.add_column("model", justify="left", no_wrap=True)
-    for _, title, _ in COLUMNS:
+    for _, title, _ in columns(entries):
         table.add_column(title, justify="right")
     for row in table_rows(entries):
         table.add_row(*row)
@@ -208,14 +245,22 @@ def _aggregate(reports: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]]
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     table.setdefault(name, {}).setdefault(key, []).append(float(value))
-    lines = ["| model | runs | test acc (mean ± std) | per run | params | CPU latency / batch (ms) |", "|---|---|---|---|---|---|"]
+    lm = any("test_bits_per_token" in row for row in table.values())
+    lines = ["| model | runs | test acc (mean ± std) | per run | params | CPU latency / batch (ms) |"
+             + (" bits/token (mean ± std) | CPU tokens/s |" if lm else ""), "|---|---|---|---|---|---|" + ("---|---|" if lm else "")]
     for name in ordered(table):
         accs = table[name].get("test_acc", [])
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         runs = " / ".join(f"{a:.3f}" for a in accs)
         params = int(statistics.mean(table[name].get("params", [0])))
         latency = statistics.mean(table[name].get("latency_ms", [float("nan")]))
-        lines.append(f"| {name} | {len(accs)} | {100 * statistics.mean(accs):.1f} ± {100 * std:.1f} % | {runs} | {params:,} | {latency:.3f} |")
+        line = f"| {name} | {len(accs)} | {100 * statistics.mean(accs):.1f} ± {100 * std:.1f} % | {runs} | {params:,} | {latency:.3f} |"
+        if lm:
+            bits = table[name].get("test_bits_per_token", [float("nan")])
+            spread = statistics.stdev(bits) if len(bits) > 1 else 0.0
+            speed = statistics.mean(table[name].get("tokens_per_s", [float("nan")]))
+            line += f" {statistics.mean(bits):.3f} ± {spread:.3f} | {speed:,.0f} |"
+        lines.append(line)
     return table, "\n".join(lines)
 
 

@@ -51,8 +51,10 @@ _DATA_LOCATION = frozenset({"data_dir", "num_workers"})
 _PASSIVE_CALLBACKS = frozenset({"ModelCheckpoint", "RichProgressBar", "TQDMProgressBar", "LearningRateMonitor",
                                 "ModelSummary", "RichModelSummary", "DeviceStatsMonitor"})
 EPOCHS = {"teacher": "teacher.epochs", "student_scratch": "student.epochs", "student_distilled": "student.epochs",
-          "student_distilled_transfer": "student.transfer_epochs"}
-DISTILLED = ("student_distilled", "student_distilled_transfer")
+          "student_distilled_transfer": "student.transfer_epochs", "student_distilled_stored": "student.epochs",
+          "student_on_policy": "student.epochs"}
+DISTILLED = ("student_distilled", "student_distilled_transfer", "student_distilled_stored", "student_on_policy")
+STORED = ("student_distilled_stored",)  # always read the store (the others with `soft_targets.offline=true`)
 # Lightning's run-length limits and the values that mean "no limit": each stage sets its own length.
 TRAINER_LIMITS = {"max_epochs": (None,), "min_epochs": (None, 0), "max_steps": (None, -1), "min_steps": (None, 0), "max_time": (None,)}
 
@@ -102,13 +104,13 @@ def record(cfg: DictConfig, stage: str, teacher_checkpoint: str | None) -> dict[
     teacher: dict[str, Any] | None = None
     if stage == "teacher" and cfg.teacher.get("checkpoint"):
         teacher = {"checkpoint_sha256": _digests(cfg, cfg.teacher.checkpoint)}
-    elif stage in DISTILLED and cfg.soft_targets.offline:
+    elif stage in STORED or (stage in DISTILLED and cfg.soft_targets.offline):
         if not SoftTargetStore.is_complete(cfg.soft_targets.path):
             return None  # built by this run (and checked against the teacher when opened)
         spec = read_json(Path(cfg.soft_targets.path) / "manifest.json", what="store manifest")
         teacher = {"store": {
             "teacher": (spec.get("teacher") or {}).get("fingerprint"),
-            **{k: spec.get(k) for k in ("dtype", "top_k", "epochs", "augmentation", "augmentation_seed")},
+            **{k: spec.get(k) for k in ("dtype", "top_k", "epochs", "augmentation", "augmentation_seed", "sampled")},
             "parts": {part: info.get("identity") for part, info in (spec.get("parts") or {}).items()},
         }}
     elif stage in DISTILLED:
@@ -163,8 +165,11 @@ def stage_record(cfg: DictConfig, stage: str, *, teacher: dict[str, Any] | None)
     else:
         config["distill"] = distill
         config["schedule"] = _plain(cfg.get("schedule"))
-        config["soft_targets"] = {"offline": cfg.soft_targets.offline}
-        if not cfg.soft_targets.offline:
+        if stage == "student_on_policy":
+            config["on_policy"] = _plain(cfg.get("on_policy"))
+        offline = stage in STORED or bool(cfg.soft_targets.offline)
+        config["soft_targets"] = {"offline": offline}
+        if not offline:
             extra = _plain(cfg.teacher.get("extra")) or []
             config["teacher"] = {"model": _plain(cfg.teacher.model), "weights": _plain(cfg.teacher.get("weights")),
                                  "extra_models": [None if isinstance(e, str) else e.get("model") for e in extra]}

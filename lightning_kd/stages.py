@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lightning_kd import batch as batch_utils
 from lightning_kd import report, runs
 from lightning_kd.callbacks import canonical_path
 from lightning_kd.checkpoint import fingerprint
@@ -45,8 +46,14 @@ log = logging.getLogger("lightning_kd")
 
 STUDENT_STAGES = ("student_scratch", "student_distilled", "student_distilled_transfer")
 DISTILLED_STAGES = ("student_distilled", "student_distilled_transfer")
+# Always distilled from the store at `soft_targets.path` (the others only with `soft_targets.offline=true`), so
+# that one run compares online and offline distillation.
+STORED_STAGES = ("student_distilled_stored",)
+# Distilled on the student's own continuations part of the time (GKD): the module gets `on_policy.generation`
+# and `on_policy.soft_loss` (CausalLMDistillation).
+ON_POLICY_STAGES = ("student_on_policy",)
 MODEL_STAGES = ("teacher", *STUDENT_STAGES)  # the report's rows
-STAGES = ("teacher", "soft_targets", *STUDENT_STAGES)
+STAGES = ("teacher", "soft_targets", *STUDENT_STAGES, *STORED_STAGES, *ON_POLICY_STAGES)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -67,11 +74,12 @@ def plan(cfg: DictConfig) -> list[str]:
     offline = cfg.soft_targets.offline
     if not isinstance(offline, bool):
         raise ValueError(f"Expected `soft_targets.offline` to be true or false, but got {offline!r}.")
-    distilled = [s for s in stages if s in DISTILLED_STAGES]
-    offline = offline and bool(distilled)
+    distilled = [s for s in stages if s in DISTILLED_STAGES or s in STORED_STAGES or s in ON_POLICY_STAGES]
+    readers = [s for s in stages if _reads_store(cfg, s)]
+    offline = bool(readers)
     store_exists = offline and SoftTargetStore.is_complete(cfg.soft_targets.path)
     if offline and "soft_targets" not in stages and not store_exists:
-        stages.insert(stages.index(distilled[0]), "soft_targets")  # build the store the distilled stages read
+        stages.insert(stages.index(readers[0]), "soft_targets")  # build the store the distilled stages read
     has_checkpoint = bool(cfg.teacher.get("checkpoint"))
     requires_checkpoint = bool(cfg.task.get("requires_teacher_checkpoint"))
     if "teacher" in stages and not has_checkpoint and not requires_checkpoint:
@@ -118,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def _reads_store(cfg: DictConfig, stage: str) -> bool:
-    return stage in DISTILLED_STAGES and cfg.soft_targets.offline
+    return stage in STORED_STAGES or (stage in DISTILLED_STAGES and cfg.soft_targets.offline is True)
 
 
 # ------------------------------------------------------------------------------ the soft-target store
@@ -153,6 +161,7 @@ def build_store(cfg: DictConfig, run_dir: Path, teacher_checkpoint: str | None) 
         started = time.perf_counter()
         settings = cfg.soft_targets
         store = build_soft_targets(module, hydra.utils.instantiate(cfg.data), path, dtype=settings.dtype, top_k=settings.top_k,
+                                   sampled=settings.get("sampled"),
                                    epochs=int(settings.epochs), batch_size=settings.batch_size, trainer=trainer,
                                    teacher_checkpoint=str(teacher_checkpoint))
     log.info("Soft-target store %s built in %.1f s: %s", path, time.perf_counter() - started, store)
@@ -182,6 +191,9 @@ def open_store(cfg: DictConfig, teacher_checkpoint: str | None) -> SoftTargetSto
     store = SoftTargetStore(settings.path, verify=bool(settings.verify))
     # A store is built once; settings that would build another one are refused, not silently ignored.
     differ = {key: (getattr(store, key), settings[key]) for key in ("dtype", "top_k", "epochs") if getattr(store, key) != settings[key]}
+    sampled = None if store.sampled is None else store.sampled.k
+    if sampled != settings.get("sampled"):
+        differ["sampled"] = (sampled, settings.get("sampled"))
     if differ:
         listed = ", ".join(f"`soft_targets.{key}`: stored {old!r}, configured {new!r}" for key, (old, new) in differ.items())
         raise ValueError(
@@ -267,15 +279,28 @@ def build_module(cfg: DictConfig, stage: str, teacher_checkpoint: str | None, *,
     if stage == "student_scratch":
         factory = distill_factory(cfg)
         return factory.func(None, student, **{**_without_teacher(factory), **given, **_recipe(cfg.student)})
-    if cfg.soft_targets.offline if offline is None else offline:
+    if _reads_store(cfg, stage) if offline is None else offline:
         if store is None:
             raise ValueError(f"Stage {stage} distils from stored soft targets but no store was opened (`soft_targets.path`).")
         return distill_factory(cfg)(None, student, soft_targets=store, **given, **_recipe(cfg.student))
     if teacher_checkpoint is None:
         raise ValueError(f"Stage {stage} needs a teacher: set `teacher.checkpoint=PATH` or run the `teacher` stage first.")
     teacher = teachers(cfg, teacher_checkpoint)
+    if stage in ON_POLICY_STAGES:
+        given.update(_on_policy(cfg))
     return distill_factory(cfg)(teacher["teacher"], student, teacher_checkpoint=teacher["teacher_checkpoint"],
                                 teacher_weights=teacher["teacher_weights"], **given, **_recipe(cfg.student))
+
+
+def _on_policy(cfg: DictConfig) -> dict[str, Any]:
+    """The on-policy stage's ``on_policy`` (an OnPolicy) and, if the config gives one, its own soft loss."""
+    settings = cfg.get("on_policy")
+    if not settings or not settings.get("generation"):
+        raise ValueError("Stage student_on_policy needs `on_policy.generation` (a lightning_kd.OnPolicy), e.g. from experiment=lm.")
+    given = {"on_policy": hydra.utils.instantiate(settings.generation, _convert_="all")}
+    if settings.get("soft_loss"):
+        given["soft_loss"] = hydra.utils.instantiate(settings.soft_loss, _convert_="all")
+    return given
 
 
 # What only a distilled stage uses: the teacher and scratch stages train on the hard loss alone.
@@ -330,7 +355,7 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     for callback in callbacks:
         if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint):
             callback.dirpath = str(stage_dir / "checkpoints")
-    if stage in DISTILLED_STAGES and cfg.get("schedule"):
+    if (stage in DISTILLED_STAGES or stage in STORED_STAGES or stage in ON_POLICY_STAGES) and cfg.get("schedule"):
         callbacks.append(hydra.utils.instantiate(cfg.schedule, _convert_="all"))
     logger: Any = False
     if cfg.get("logger"):
@@ -411,6 +436,9 @@ def run_stage(
         "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
         "teacher_test_acc": _float(metrics.get("test/teacher_acc")),
+        # language models: per valid token of the test set
+        "test_bits_per_token": _float(metrics.get("test/bits_per_token")),
+        "teacher_test_bits_per_token": _float(metrics.get("test/teacher_bits_per_token")),
         "checkpoint": runs.portable(checkpoint, run_dir),  # relative inside the run directory: it may move
     }
     _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint, record)
@@ -427,10 +455,27 @@ def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: Distillati
     entry["weights_bytes"] = weights.stat().st_size
     # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
     entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
-    example, _ = module.unpack_batch(next(iter(datamodule.test_dataloader())))
+    batch = next(iter(datamodule.test_dataloader()))
+    example, _ = module.unpack_batch(batch)
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
-    entry["latency_batch_size"] = int(example.shape[0]) if isinstance(example, torch.Tensor) else None
+    entry["latency_batch_size"] = batch_utils.batch_size(example) if isinstance(example, (torch.Tensor, dict)) else None
+    if entry.get("test_bits_per_token") is not None:  # a language model: throughput and a training step's memory
+        tokens = example.get("attention_mask", example.get("input_ids")) if isinstance(example, dict) else example
+        if isinstance(tokens, torch.Tensor):  # real tokens per second of the forward timed above (padding not counted)
+            count = int(tokens.sum()) if isinstance(example, dict) and "attention_mask" in example else tokens.numel()
+            entry["tokens_per_s"] = count / (entry["latency_ms"] / 1e3)
+        entry["step_peak_mib"] = report.step_peak_mib(functools.partial(_training_step_on, module.cpu().float(), batch))
     runs.write_result(run_dir, stage, entry, checkpoint, record)
+
+
+def _training_step_on(module: DistillationModule, batch: Any) -> None:
+    """One forward and backward of the stage's objective on ``batch`` (teacher included), outside the Trainer."""
+    module.train()
+    inputs, targets, student_out, teacher_out = module._forward(batch, "the memory measurement")
+    mask = batch_utils.valid_positions(inputs, targets, student_out)
+    extra = {} if mask is None else {"mask": mask}
+    module.distillation_loss(student_out, teacher_out, targets, **extra)["loss"].backward()
+    module.zero_grad(set_to_none=True)
 
 
 def _float(value: Any) -> float | None:

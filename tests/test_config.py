@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from lightning_kd import DistillationAnnealing, DistillationModule, Speed, cli, stages
+from lightning_kd import CausalLMDistillation, DistillationAnnealing, DistillationModule, Speed, cli, stages
 from lightning_kd.features import FeatureTerm
 from lightning_kd.losses import LearnableTemperature, LogitLoss
 from lightning_kd.teachers import TeacherEnsemble
@@ -58,6 +58,9 @@ CHECKED_GROUPS = {
 # Options that only work with another group's option come as an experiment of the same name (a bundle),
 # e.g. `experiment=at` = `distill=at student=cnn1d_small`; such an option is built through its bundle.
 BUNDLES = {option for option in GROUPS["experiment"] if option != "smoke"}
+# Language-model options work only together (token data, causal LMs, CausalLMDistillation): built inside experiment=lm.
+LM_OPTIONS = {("data", "pydoc_bytes"), ("teacher", "gpt"), ("teacher", "hf_gpt2"), ("student", "gpt_small"),
+              ("student", "hf_gpt2_small"), ("task", "lm")}
 
 
 @pytest.fixture
@@ -99,7 +102,9 @@ def _build_everything(cfg: DictConfig, tmp_path: Path) -> None:
     for stage in cfg.task.stages:
         if stage == "soft_targets":  # built and run by _check_soft_targets
             continue
-        module = stages.build_module(cfg, stage, given if stage == "teacher" else given or _teacher_checkpoint(cfg, tmp_path))
+        # a stored stage reads the store a soft_targets stage writes (run in _check_soft_targets): built online here
+        module = stages.build_module(cfg, stage, given if stage == "teacher" else given or _teacher_checkpoint(cfg, tmp_path),
+                                     offline=False if stage in stages.STORED_STAGES else None)
         assert isinstance(module, DistillationModule)
         assert type(module) is stages.distill_factory(cfg).func  # every stage is the configured class
         assert isinstance(stages.build_datamodule(cfg, stage), L.LightningDataModule)
@@ -136,8 +141,11 @@ def test_default_config(compose_cfg, tmp_path):
 def test_option_builds(compose_cfg, tmp_path, group, option):
     """Each option composes with the defaults of every other group (or, if it has one, through its bundle), and all
     of the task's objects build from it."""
+    if (group, option) in LM_OPTIONS and option.startswith("hf_"):
+        pytest.importorskip("transformers")
     bundled = group != "experiment" and option in BUNDLES
-    cfg = compose_cfg(f"experiment={option}" if bundled else f"{group}={option}")
+    lm = ("experiment=lm",) if (group, option) in LM_OPTIONS else ()
+    cfg = compose_cfg(*lm, f"experiment={option}" if bundled else f"{group}={option}")
     assert cfg.hydra.runtime.choices[group] == option
     CHECKS[group](cfg, option, tmp_path)
     if group not in ("trainer", "task"):  # checked on their own below (GPU trainers, task stages)
@@ -170,8 +178,13 @@ def _check_model(role, cfg, option, tmp_path):
     recipe = cfg[role]
     model = hydra.utils.instantiate(recipe.model, _convert_="all")
     assert isinstance(model, nn.Module)
-    num_classes = recipe.model.get("num_classes", 10)
-    assert model(torch.randn(2, 40)).shape == (2, num_classes)
+    if cfg.hydra.runtime.choices.data == "pydoc_bytes":  # a causal LM over the byte vocabulary
+        ids = torch.randint(0, 258, (2, cfg.data.seq_len))
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert getattr(out, "logits", out).shape == (2, cfg.data.seq_len, 258)
+    else:
+        num_classes = recipe.model.get("num_classes", 10)
+        assert model(torch.randn(2, 40)).shape == (2, num_classes)
     optimizer = hydra.utils.instantiate(recipe.optimizer)  # `_partial_: true`: the module picks the parameters
     assert isinstance(optimizer, functools.partial)
     applied = optimizer(model.parameters())
@@ -183,7 +196,8 @@ def _check_model(role, cfg, option, tmp_path):
 def _check_distill(cfg, option, tmp_path):
     """The partial, called with real models, builds the module the YAML describes: its class, loss objects, weights."""
     factory = stages.distill_factory(cfg)
-    assert factory.func is DistillationModule and isinstance(factory, functools.partial)
+    expected = CausalLMDistillation if cfg.hydra.runtime.choices.distill == "lm" else DistillationModule
+    assert factory.func is expected and isinstance(factory, functools.partial)
     module = stages.build_module(cfg, "student_distilled", _teacher_checkpoint(cfg, tmp_path))
     assert module.teacher is not None and not any(p.requires_grad for p in module.teacher.parameters())
     described = hydra.utils.instantiate(cfg.distill.soft_loss, _convert_="all")  # what the YAML says, built on its own
@@ -327,6 +341,7 @@ BUNDLED_CHOICES = {
     "ctkd": {"distill": "ctkd", "schedule": "ctkd"},  # the learned temperature's gradient-reversal curriculum
     "at": {"distill": "at", "student": "cnn1d_small"},  # attention maps need a student with spatial maps
     "kd_at": {"distill": "kd_at", "student": "cnn1d_small"},
+    "lm": {"task": "lm", "data": "pydoc_bytes", "teacher": "gpt", "student": "gpt_small", "distill": "lm"},
 }
 
 
