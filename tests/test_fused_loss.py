@@ -335,6 +335,25 @@ def test_hard_cross_entropy_fused_with_the_soft_term(T):
         assert_close_rel(ours, theirs, 1e-4)
 
 
+@pytest.mark.parametrize("name", ["forward-T2", "reverse-T1.5", "jsd-0.3-T2", "skew-0.1"])
+def test_blocks_of_rows_inside_a_chunk(name, monkeypatch):
+    import lightning_kd.losses.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_BLOCK_ELEMENTS", 3 * V)  # blocks of 3 rows in chunks of 7
+    build, *_ = LOSSES[name]
+    x, mask = make(), left_padding_mask()
+    targets = torch.randint(0, V, (3, 7))
+    targets[1, 3] = -100
+    combined, soft, hard = fused_linear_distillation_loss(**x, targets=targets, loss=build(), soft_weight=0.6,
+                                                          hard_weight=0.4, mask=mask, chunk_size=7)
+    zs, zt = logits(x)
+    labeled = torch.where(mask, targets, -100).reshape(-1)
+    naive = 0.6 * build()(zs, zt, mask=mask) + 0.4 * F.cross_entropy(zs.reshape(-1, V), labeled)
+    assert combined.item() == pytest.approx(naive.item(), rel=1e-5)
+    for ours, theirs in zip(grads(combined, x), grads(naive, x)):
+        assert_close_rel(ours, theirs, 1e-4)
+
+
 def test_hard_term_alone_without_a_teacher_and_another_ignore_index():
     x = make(lead=(11,), bias=False)
     targets = torch.randint(0, V, (11,))

@@ -5,9 +5,9 @@ A language model's logits ``(B·S, V)`` are the memory problem of token-level di
 their gradients multiply that. The functions here take both models' last hidden states and output
 weights (``lm_head``) instead, and loop over chunks of ``chunk_size`` valid tokens. Per chunk: both
 models' logits in float32 (one reused ``(chunk, V)`` buffer each); then, in blocks of rows, the
-divergence by the loss objects' own per-position code (:func:`~lightning_kd.losses.log_probs`,
-:func:`~lightning_kd.losses.kl_sum`, the per-position functions of :mod:`~lightning_kd.losses.divergences`)
-and its closed-form gradient with respect to the student's logits, written over them; two matrix
+log-probabilities (the operations of :func:`~lightning_kd.losses.log_probs`, into reused buffers), the
+divergence by the loss objects' own per-position code (:func:`~lightning_kd.losses.kl_sum`, the
+per-position functions of :mod:`~lightning_kd.losses.divergences`) and its closed-form gradient with respect to the student's logits, written over them; two matrix
 products turn that into the gradients of the student's hidden rows, weight and bias. Backward only
 multiplies the stored gradients by the incoming one (the design of Liger Kernel's
 ``LigerFusedLinearDistillationBase``, written here in plain PyTorch).
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kd._checks import check_number
-from lightning_kd.losses._reduction import check_weight, kl_sum, log_probs
+from lightning_kd.losses._reduction import check_weight, kl_sum
 from lightning_kd.losses.base import LogitLoss
 from lightning_kd.losses.divergences import (
     JSDLoss,
@@ -110,9 +110,12 @@ def _resolve_loss(loss: LogitLoss | None, temperature: float) -> _Divergence:
     return _Divergence(kind, weight, t, t * t if loss.scale_by_t2 else 1.0)
 
 
-def _log_probs(z: Tensor, temperature: float) -> Tensor:
-    """:func:`log_probs` of float32 logits, without its division at ``T = 1`` (``z / 1.0 == z`` exactly: same bits, one pass less)."""
-    return torch.log_softmax(z, dim=-1) if temperature == 1.0 else log_probs(z, temperature)
+def _log_probs_into(z: Tensor, temperature: float, out: Tensor) -> Tensor:
+    """:func:`log_probs` of float32 logits ``z`` (divided by ``T`` in place: the same operations, the same bits),
+    written into a reused buffer ``out``."""
+    if temperature != 1.0:  # z / 1.0 == z exactly: one pass less
+        z.div_(temperature)
+    return torch.log_softmax(z, dim=-1, out=out)
 
 
 def _divergence(log_p_s: Tensor, log_p_t: Tensor, div: _Divergence) -> Tensor:
@@ -183,11 +186,11 @@ def _eager_chunk_loop() -> Any:
     return _compiler_disabled_loop
 
 
-# rows per block of the elementwise work: its temporaries are (rows, V) float32 blocks of about 8 MiB, while
-# the matrix products run on whole chunks (larger products are faster). Measured on 2 shared CPU cores, V = 32k,
-# chunk 256 (docs/benchmarks.md): peak +217 MiB at 8 MiB blocks, +341 MiB at 16 MiB, +427 MiB at 32 MiB (the
-# whole chunk), same speed within the noise; 4 MiB blocks were slower on the loaded machine (more, smaller ops)
-_BLOCK_ELEMENTS = 1 << 21
+# rows per block of the elementwise work: its temporaries are (rows, V) float32 blocks of about 16 MiB, while
+# the matrix products run on whole chunks (larger products are faster). On 2 shared CPU cores, V = 32k, chunk
+# 256: peak about +200 MiB with 8 MiB blocks, +300 MiB with 16 MiB, +430 MiB with the whole chunk (32 MiB); the
+# smaller the blocks, the more (smaller) operations, which on a loaded machine cost time (docs/benchmarks.md)
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def _chunk_loop(needs_grad: tuple[bool, ...], hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher: tuple,
@@ -225,7 +228,9 @@ def _chunk_loop(needs_grad: tuple[bool, ...], hidden: Tensor, weight: Tensor, bi
     size = min(chunk_size, n_rows)
     logits = torch.empty(size, vocab, dtype=torch.float32, device=device)
     teacher_logits = torch.empty(size, vocab, dtype=torch.float32, device=device) if soft_on else None
-    block = max(1, _BLOCK_ELEMENTS // max(vocab, 1))
+    block = min(size, max(1, _BLOCK_ELEMENTS // max(vocab, 1)))
+    # the log-probabilities of a block: reused too, and overwritten by its gradient
+    log_p_buffers = [torch.empty(block, vocab, dtype=torch.float32, device=device) for _ in range(2)] if soft_on else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         index = None if rows is None else rows[start:end]
@@ -243,14 +248,17 @@ def _chunk_loop(needs_grad: tuple[bool, ...], hidden: Tensor, weight: Tensor, bi
         for r in range(0, end - start, block):
             s = slice(r, min(r + block, end - start))
             grad = None
-            log_p_s = _log_probs(z[s], div.temperature) if soft_on else None
+            n = s.stop - s.start
+            log_q = log_p_s = None
+            if hard_on and not (soft_on and div.temperature == 1.0):  # before z / T overwrites the logits
+                log_q = torch.log_softmax(z[s], dim=-1)
             if soft_on:
-                log_p_t = _log_probs(z_t[s], div.temperature)
+                log_p_s = _log_probs_into(z[s], div.temperature, log_p_buffers[0][:n])
+                log_p_t = _log_probs_into(z_t[s], div.temperature, log_p_buffers[1][:n])
                 per_position = _divergence(log_p_s, log_p_t, div)  # (rows,)
                 soft_total += per_position.sum(dtype=torch.float64)
             if hard_on:
-                # at T = 1 the soft term's log-softmax is the hard term's
-                log_q = log_p_s if soft_on and div.temperature == 1.0 else torch.log_softmax(z[s], dim=-1)
+                log_q = log_p_s if log_q is None else log_q  # at T = 1 the soft term's log-softmax is the hard term's
                 hard_total -= torch.where(ok[s], log_q.gather(1, y[s]).squeeze(1), 0.0).sum(dtype=torch.float64)
                 if any_grad and hard_weight != 0:
                     # softmax(z) - onehot(y), on the labeled rows only
