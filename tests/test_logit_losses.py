@@ -329,7 +329,7 @@ def test_options_are_keyword_only():
         (lambda: DKDLoss(beta=-1.0), ValueError, r"Expected `beta` to be a finite number >= 0, but got -1.0"),
         (lambda: DKDLoss(alpha=math.nan), ValueError, r"Expected `alpha` to be a finite number >= 0, but got nan"),
         (lambda: DISTLoss(gamma=-0.5), ValueError, r"Expected `gamma` to be a finite number >= 0, but got -0.5"),
-        (lambda: JSDLoss(beta=1.0), ValueError, r"Expected `beta` to be in \(0, 1\), but got 1.0"),
+        (lambda: JSDLoss(beta=1.5), ValueError, r"Expected `beta` to be in \[0, 1\], but got 1.5"),  # 0 and 1: forward / reverse KL
         (lambda: SkewKLLoss(skew=1.0), ValueError, r"Expected `skew` to be in \[0, 1\), but got 1.0"),
         (lambda: ReverseKLLoss(0.0), ValueError, r"Expected `temperature` to be > 0, but got 0.0"),
         (lambda: KDLoss("4"), TypeError, r"Expected `temperature` to be a number or a LearnableTemperature, but got str"),
@@ -347,7 +347,7 @@ def test_a_bad_value_raises_the_documented_error(build, error, match):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda s, t: jsd_loss(s, t, beta=0.0), r"Expected `beta` to be in \(0, 1\), but got 0.0"),
+        (lambda s, t: jsd_loss(s, t, beta=-0.1), r"Expected `beta` to be in \[0, 1\], but got -0.1"),
         (lambda s, t: skew_kl_loss(s, t, skew=1.0), r"Expected `skew` to be in \[0, 1\), but got 1.0"),
         (lambda s, t: reverse_kl_loss(s, t, temperature=0.0), "Expected `temperature` to be > 0"),
         (lambda s, t: dist_loss(s, t[:, :3]), "same shape"),

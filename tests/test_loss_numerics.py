@@ -317,8 +317,8 @@ BAD_OPTIONS = [
     (_dist(beta=math.nan), r"Expected `beta` to be a finite number >= 0, but got nan", "dist-beta-nan"),
     (_dist(gamma=math.inf), r"Expected `gamma` to be a finite number >= 0, but got inf", "dist-gamma-inf"),
     (_dist(gamma=-0.5), r"Expected `gamma` to be a finite number >= 0, but got -0.5", "dist-gamma-negative"),
-    (lambda s, t, y: jsd_loss(s, t, beta=math.nan), r"Expected `beta` to be in \(0, 1\), but got nan", "jsd-beta-nan"),
-    (lambda s, t, y: jsd_loss(s, t, beta=math.inf), r"Expected `beta` to be in \(0, 1\), but got inf", "jsd-beta-inf"),
+    (lambda s, t, y: jsd_loss(s, t, beta=math.nan), r"Expected `beta` to be in \[0, 1\], but got nan", "jsd-beta-nan"),
+    (lambda s, t, y: jsd_loss(s, t, beta=math.inf), r"Expected `beta` to be in \[0, 1\], but got inf", "jsd-beta-inf"),
     (lambda s, t, y: skew_kl_loss(s, t, skew=math.nan), r"Expected `skew` to be in \[0, 1\), but got nan", "skew-nan"),
     (lambda s, t, y: skew_kl_loss(s, t, skew=-math.inf), r"Expected `skew` to be in \[0, 1\), but got -inf", "skew-minus-inf"),
     (lambda s, t, y: LearnableTemperature(t_min=math.inf), r"Expected `t_min` to be a finite number > 0, but got inf", "ctkd-t_min-inf"),
@@ -332,7 +332,7 @@ BAD_OPTIONS = [
     (lambda s, t, y: DKDLoss(beta=math.inf), r"Expected `beta` to be a finite number >= 0, but got inf", "DKDLoss-beta-inf"),
     (lambda s, t, y: DISTLoss(beta=math.nan), r"Expected `beta` to be a finite number >= 0, but got nan", "DISTLoss-beta-nan"),
     (lambda s, t, y: DISTLoss(gamma=-0.5), r"Expected `gamma` to be a finite number >= 0, but got -0.5", "DISTLoss-gamma-negative"),
-    (lambda s, t, y: JSDLoss(beta=math.nan), r"Expected `beta` to be in \(0, 1\), but got nan", "JSDLoss-beta-nan"),
+    (lambda s, t, y: JSDLoss(beta=math.nan), r"Expected `beta` to be in \[0, 1\], but got nan", "JSDLoss-beta-nan"),
     (lambda s, t, y: SkewKLLoss(skew=math.inf), r"Expected `skew` to be in \[0, 1\), but got inf", "SkewKLLoss-skew-inf"),
 ]
 
