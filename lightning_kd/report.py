@@ -30,12 +30,11 @@ COLUMNS = (
     ("checkpoint_bytes", "ckpt KiB", None),
     ("latency_ms", "CPU ms/batch", "{:.3f}"),
 )
-# Language models (entries with a per-token cross-entropy): bits per token (bytes for a byte-level model),
-# inference throughput and the peak memory of a training step.
+# Language models (entries with a per-token cross-entropy): bits per token (bytes for a byte-level model)
+# and the inference throughput of a test batch's forward pass.
 LM_COLUMNS = (
     ("test_bits_per_token", "bits/token", "{:.3f}"),
     ("tokens_per_s", "CPU tokens/s", "{:,.0f}"),
-    ("step_peak_mib", "step peak MiB", "{:,.0f}"),
 )
 
 
@@ -66,28 +65,6 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup
     for _ in range(repeats):
         forward()
     return (time.perf_counter() - start) / max(1, repeats) * 1e3
-
-
-def step_peak_mib(step: Any) -> float | None:
-    """Peak resident memory (MiB) that ``step()`` adds to the process, above its resident memory before it.
-
-    Linux only (None elsewhere): the kernel's high-water mark is reset first (``/proc/self/clear_refs``), so
-    earlier peaks do not count. Memory the allocator kept from before is reused and not counted: it is the
-    step's own footprint on top of what the process already holds.
-    """
-    status = Path("/proc/self/status")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib(status, "VmRSS")
-    except OSError:
-        return None
-    step()
-    return max(0.0, (_status_kib(status, "VmHWM") - before) / 1024)
-
-
-def _status_kib(status: Path, key: str) -> int:
-    line = next(line for line in status.read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1])
 
 
 def _to_cpu(x: Any) -> Any:

@@ -459,23 +459,12 @@ def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: Distillati
     example, _ = module.unpack_batch(batch)
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
     entry["latency_batch_size"] = batch_utils.batch_size(example) if isinstance(example, (torch.Tensor, dict)) else None
-    if entry.get("test_bits_per_token") is not None:  # a language model: throughput and a training step's memory
+    if entry.get("test_bits_per_token") is not None:  # a language model: its throughput
         tokens = example.get("attention_mask", example.get("input_ids")) if isinstance(example, dict) else example
         if isinstance(tokens, torch.Tensor):  # real tokens per second of the forward timed above (padding not counted)
             count = int(tokens.sum()) if isinstance(example, dict) and "attention_mask" in example else tokens.numel()
             entry["tokens_per_s"] = count / (entry["latency_ms"] / 1e3)
-        entry["step_peak_mib"] = report.step_peak_mib(functools.partial(_training_step_on, module.cpu().float(), batch))
     runs.write_result(run_dir, stage, entry, checkpoint, record)
-
-
-def _training_step_on(module: DistillationModule, batch: Any) -> None:
-    """One forward and backward of the stage's objective on ``batch`` (teacher included), outside the Trainer."""
-    module.train()
-    inputs, targets, student_out, teacher_out = module._forward(batch, "the memory measurement")
-    mask = batch_utils.valid_positions(inputs, targets, student_out)
-    extra = {} if mask is None else {"mask": mask}
-    module.distillation_loss(student_out, teacher_out, targets, **extra)["loss"].backward()
-    module.zero_grad(set_to_none=True)
 
 
 def _float(value: Any) -> float | None:
