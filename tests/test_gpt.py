@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 
 import pytest
@@ -172,7 +173,8 @@ def test_the_zoo_builds_the_demo_sizes():
     assert {"gpt", "gpt_teacher", "gpt_student"} <= set(list_models())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     teacher, student = get_model("gpt_teacher"), get_model("gpt_student")
-    assert (count(teacher), count(student)) == (3_258_368, 124_800)
+    assert (count(teacher), count(student)) == (1_013_760, 141_312)
+    assert teacher.lm_head.weight is not teacher.get_input_embeddings().weight  # untied: see the builders
     assert get_model("gpt", n_layer=1, n_head=1, n_embd=8, vocab_size=10).lm_head.out_features == 10
     assert teacher.block_size == student.block_size == 128
 
@@ -312,3 +314,16 @@ def test_generation_errors():
     ids, mask = pad([[1, 2, 3], [4]], "right")
     with pytest.raises(ValueError, match=r"Expected left-padded prompts.*`padding_side='left'`"):
         model.generate(ids, mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(("config", "builder"), [("teacher/gpt.yaml", "gpt_teacher"), ("student/gpt_small.yaml", "gpt_student")])
+def test_the_demo_configs_build_the_zoo_sizes(config, builder):
+    """The configs spell the sizes out (so that `teacher.model.n_layer=4` works); the zoo's names must not drift from them."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    text = importlib.resources.files("lightning_kd.conf").joinpath(config).read_text()
+    model = hydra.utils.instantiate(OmegaConf.create(text).model, _convert_="all")
+    reference = get_model(builder)
+    assert repr(model) == repr(reference)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())

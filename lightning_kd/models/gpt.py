@@ -404,13 +404,26 @@ def _sample(logits: Tensor, temperature: float, top_p: float, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# The demo's sizes, measured on the byte-level pydoc data (batch 32 x 128, AdamW, cosine, two CPU cores).
+# Untied output layers: with 258 tokens tying saves little and slowed learning (one epoch: train loss 2.83
+# untied vs 3.11 tied for 4 x 192). Two layers: four learned far more slowly in the few hundred steps a demo
+# has (4 x 192 ended at 3.59 validation bits per byte after 6 epochs, 2 x 192 at 2.58).
+
+
 @register_model("gpt_teacher")
 def gpt_teacher(vocab_size: int = 258, block_size: int = 128, dropout: float = 0.0) -> GPT:
-    """The byte-level teacher of the language-model demo: 4 layers, 256 wide, 4 heads."""
-    return GPT(vocab_size, block_size, n_layer=4, n_head=4, n_embd=256, dropout=dropout)
+    """The byte-level teacher of the language-model demo: 2 layers, 192 wide, 4 heads, untied (1.01 M parameters).
+
+    Trained 8 epochs at lr 7e-4: 2.22 validation and 2.07 test bits per byte; 0.22 s a training step.
+    """
+    return GPT(vocab_size, block_size, n_layer=2, n_head=4, n_embd=192, dropout=dropout, tie_weights=False)
 
 
 @register_model("gpt_student")
 def gpt_student(vocab_size: int = 258, block_size: int = 128, dropout: float = 0.0) -> GPT:
-    """The byte-level student of the language-model demo: 2 layers, 64 wide, 2 heads."""
-    return GPT(vocab_size, block_size, n_layer=2, n_head=2, n_embd=64, dropout=dropout)
+    """The byte-level student of the language-model demo: 2 layers, 64 wide, 2 heads, untied (141 k parameters).
+
+    Trained 6 epochs at lr 3e-3: 2.74 validation bits per byte from scratch, 2.54 distilled from the teacher
+    (forward KL, alpha 0.5); 0.05 s a training step.
+    """
+    return GPT(vocab_size, block_size, n_layer=2, n_head=2, n_embd=64, dropout=dropout, tie_weights=False)
