@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -152,8 +151,7 @@ class CausalLMDistillation(DistillationModule):
     def teacher_hidden(self, inputs: Any) -> OutputLayer:
         """The teacher's final hidden states and output layer, without autograd, in the teacher's own dtype."""
         inputs = cast_inputs(inputs, self.teacher)
-        own = torch.autocast(device_type=self.device.type, enabled=False) if self.speed.teacher_dtype is not None else contextlib.nullcontext()
-        with torch.no_grad(), own:
+        with torch.no_grad(), self._teacher_precision():
             return final_hidden(self.teacher, inputs, "teacher")
 
     def _generate(self, batch: Any) -> tuple[Any, Tensor, bool]:

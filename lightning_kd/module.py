@@ -232,10 +232,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     def teacher_forward(self, inputs: Any) -> Tensor:
         """The teacher's logits for ``inputs``, computed without autograd, in the teacher's own dtype."""
         inputs = cast_inputs(inputs, self.teacher)  # e.g. a bfloat16 teacher beside a float32 student under "32-true"
-        own_dtype = self.speed.teacher_dtype is not None and not isinstance(self.teacher, TeacherEnsemble)
-        own_precision = torch.autocast(device_type=self.device.type, enabled=False) if own_dtype else contextlib.nullcontext()
-        with torch.no_grad(), own_precision:
+        with torch.no_grad(), self._teacher_precision():
             return extract_logits(call_model(self.teacher, inputs))
+
+    def _teacher_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off for a teacher kept in its own dtype (``speed.teacher_dtype``; an ensemble's members handle theirs)."""
+        own_dtype = self.speed.teacher_dtype is not None and not isinstance(self.teacher, TeacherEnsemble)
+        return torch.autocast(device_type=self.device.type, enabled=False) if own_dtype else contextlib.nullcontext()
 
     def student_forward(self, inputs: Any) -> Tensor:
         """The student's logits for ``inputs`` (a dict of inputs is passed as keyword arguments)."""
