@@ -20,8 +20,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
-pytestmark = pytest.mark.slow  # a whole site build: about ten seconds
-
 # API page -> the modules whose public names (``__all__``) it documents
 API_PAGES = {
     "api/index.html": ["lightning_kd"],
@@ -60,6 +58,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return site_dir
 
 
+@pytest.mark.slow  # the site's build: about ten seconds, once for the module
 def test_the_site_builds_into_the_given_folder_and_site_is_git_ignored(site: Path) -> None:
     assert (site / "index.html").is_file() and (site / "api" / "index.html").is_file()
     assert not (site / "hooks").exists(), "the build hooks are tooling, not pages"
@@ -67,6 +66,7 @@ def test_the_site_builds_into_the_given_folder_and_site_is_git_ignored(site: Pat
     assert ignored.returncode == 0, "site/ (mkdocs' default output folder) must be in .gitignore"
 
 
+@pytest.mark.slow  # the site's build: about ten seconds, once for the module
 def test_the_api_reference_shows_the_docstring_of_every_public_name(site: Path) -> None:
     import lightning_kd
 
@@ -91,6 +91,7 @@ def test_the_api_reference_shows_the_docstring_of_every_public_name(site: Path) 
     assert not missing, "docstrings missing from the API reference:\n" + "\n".join(missing)
 
 
+@pytest.mark.slow  # the site's build: about ten seconds, once for the module
 def test_the_top_level_page_names_every_export(site: Path) -> None:
     import lightning_kd
 
@@ -116,6 +117,7 @@ def _leading_comment(path: Path) -> str:
     return " ".join(" ".join(lines).split())
 
 
+@pytest.mark.slow  # the site's build: about ten seconds, once for the module
 def test_the_config_reference_shows_every_group_and_option_of_conf(site: Path) -> None:
     page = (site / "config_reference" / "index.html").read_text()
     text = _text(page)
@@ -152,3 +154,12 @@ def test_a_hand_written_config_reference_is_refused(tmp_path: Path) -> None:
     files = Files([File("config_reference.md", str(tmp_path), str(tmp_path / "out"), use_directory_urls=True)])
     with pytest.raises(ValueError, match="generated from conf/ by docs/hooks/config_reference.py: remove the file"):
         hook.on_files(files, config)
+
+
+def test_the_site_sources_name_no_path_outside_the_repository() -> None:
+    # the site is built from docs/, the docstrings and conf/: none may point at the development machine's folders
+    sources = [*ROOT.joinpath("docs").rglob("*.md"), *ROOT.joinpath("docs").rglob("*.py"), ROOT / "mkdocs.yml",
+               *ROOT.joinpath("lightning_kd").rglob("*.py"), *CONF.rglob("*.yaml")]
+    outside = [f"{p.relative_to(ROOT)}: {needle}" for p in sources for needle in ("/work/shared", "../shared")
+               if needle in p.read_text()]
+    assert not outside, f"paths outside the repository: {outside}"
