@@ -77,7 +77,8 @@ def defaults_of(primary: Path) -> dict[str, tuple[str | None, str]]:
         if match:
             # "a | b | c: what it is" -> "what it is": the page lists the options from the files themselves,
             # so a hand-kept list in a comment (which can fall behind) is not repeated.
-            comments[match["group"]] = _OPTION_LIST.sub("", match["comment"]).strip()
+            comment = _OPTION_LIST.sub("", match["comment"]).strip()
+            comments[match["group"]] = comment[1:-1] if comment.startswith("(") and comment.endswith(")") else comment
     return {group: (option, comments.get(group, "")) for group, option in chosen.items()}
 
 
@@ -118,10 +119,9 @@ def comment_block(lines: list[str]) -> str:
 
 
 def first_sentence(lines: list[str]) -> str:
+    """The comment's first sentence (up to a full stop that ends a word; "e.g.", "i.e." and "et al." aside), for the tables."""
     text = " ".join(line for line in lines if line).strip()
-    if not text:
-        return ""
-    match = re.match(r"(.+?[.:;])(\s|$)", text)
+    match = re.match(r"(.+?(?<!e\.g)(?<!i\.e)(?<! al)\.)(\s|$)", text)
     return prose(match.group(1) if match else text)
 
 
