@@ -90,7 +90,34 @@ def _literal_blocks(lines: list[str]) -> list[str]:
 class RstToMarkdown(Extension):
     """Rewrite each docstring of the package once it is loaded (see the module's docstring)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # where a name that a package re-exports is shown: `lightning_kd.losses._reduction.log_probs` is
+        # rendered as `lightning_kd.losses.log_probs`, by `::: lightning_kd.losses`
+        self.public: dict[str, str] = {}
+        self.paths: set[str] = set()  # every object's path
+        # a class or function by its name alone, where the package defines one of that name only: what
+        # `lightning_kd.DistillationModule` (a lazy export, invisible to static analysis) stands for
+        self.unique: dict[str, str | None] = {}
+
     def on_package(self, *, pkg: Any, **kwargs: Any) -> None:
+        objects = self._walk(pkg)
+        for obj in objects:
+            self.paths.add(obj.path)
+            if obj.is_class or obj.is_function:
+                self.unique[obj.name] = obj.path if obj.name not in self.unique else None
+            exports = set(obj.exports or ()) if obj.is_module and obj.is_init_module else set()
+            for member in obj.members.values():  # a package's `__all__` re-exports: where the site shows them
+                if isinstance(member, Alias) and member.name in exports:
+                    self.public.setdefault(member.target_path, member.path)
+        for obj in objects:
+            if obj.docstring is not None:
+                obj.docstring.value = self.rewrite(obj.docstring.value, obj)
+
+    @staticmethod
+    def _walk(pkg: Object) -> list[Object]:
+        """Every object of the package (aliases, i.e. imports, left out: their targets are walked where defined)."""
+        found: list[Object] = []
         seen: set[int] = set()
         stack: list[Object] = [pkg]
         while stack:
@@ -98,9 +125,9 @@ class RstToMarkdown(Extension):
             if id(obj) in seen:
                 continue
             seen.add(id(obj))
-            if obj.docstring is not None:
-                obj.docstring.value = self.rewrite(obj.docstring.value, obj)
+            found.append(obj)
             stack.extend(member for member in obj.members.values() if not isinstance(member, Alias))
+        return found
 
     def rewrite(self, text: str, obj: Object) -> str:
         lines = _literal_blocks(_math_blocks(text.splitlines()))
@@ -108,16 +135,38 @@ class RstToMarkdown(Extension):
         text = _MATH_ROLE.sub(lambda m: f"${m['tex']}$", text)
         return _ROLE.sub(lambda m: self._reference(m["target"], obj), text)
 
-    @staticmethod
-    def _reference(target: str, obj: Object) -> str:
+    def _reference(self, target: str, obj: Object) -> str:
         short = target.startswith("~")
         name = target.lstrip("~").removesuffix("()")
         title = name.rsplit(".", 1)[-1] if short else name
-        identifier = name
-        if "." not in name or not name.startswith("lightning_kd"):
-            try:  # a name relative to the docstring's object: its members, its module's names
-                head, _, rest = name.partition(".")
-                identifier = obj.resolve(head) + (f".{rest}" if rest else "")
-            except Exception:  # not found here: the reference stays plain code
-                identifier = name
+        identifier = name if name.startswith("lightning_kd") else self._relative(name, obj)
+        if identifier not in self.paths and identifier.startswith("lightning_kd."):
+            identifier = self._by_name(identifier)
+        owner, _, attribute = identifier.rpartition(".")
+        if identifier in self.public:
+            identifier = self.public[identifier]
+        elif owner in self.public:  # a method of a re-exported class
+            identifier = f"{self.public[owner]}.{attribute}"
         return f'<autoref identifier="{html.escape(identifier)}" optional><code>{html.escape(title)}</code></autoref>'
+
+    @staticmethod
+    def _relative(name: str, obj: Object) -> str:
+        """A name as the docstring's object sees it: its members, then its parents' (an import: where it comes from)."""
+        head, _, rest = name.partition(".")
+        scope: Object | None = obj
+        while scope is not None:
+            member = scope.members.get(head)
+            if member is not None:
+                path = member.target_path if isinstance(member, Alias) else member.path
+                return path + (f".{rest}" if rest else "")
+            scope = scope.parent
+        return name  # not found: the reference stays plain code
+
+    def _by_name(self, identifier: str) -> str:
+        """``lightning_kd.X`` or ``lightning_kd.X.method`` for a class or function ``X`` defined once in the package."""
+        parts = identifier.split(".")
+        for owner in (parts[-1], parts[-2] if len(parts) > 2 else None):
+            path = self.unique.get(owner) if owner else None
+            if path is not None:
+                return path if owner == parts[-1] else f"{path}.{parts[-1]}"
+        return identifier
