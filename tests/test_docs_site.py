@@ -92,6 +92,23 @@ def test_the_api_reference_shows_the_docstring_of_every_public_name(site: Path) 
 
 
 @pytest.mark.slow  # the site's build: about ten seconds, once for the module
+def test_the_api_reference_reads_the_docstrings_rst_as_markdown(site: Path) -> None:
+    leftovers = {}
+    for page in (site / "api").rglob("index.html"):
+        text = _text(page.read_text())
+        found = [mark for mark in (":class:`", ":func:`", ":meth:`", ":mod:`", ":math:`", ".. math::", "``", "Example::")
+                 if mark in text]
+        if found:
+            leftovers[str(page.relative_to(site))] = found
+    assert not leftovers, f"reStructuredText left in the API reference: {leftovers}"
+    top = (site / "api" / "index.html").read_text()
+    # DistillationModule's `.. math::` block became a formula block, and its roles links to where the site shows them
+    assert re.search(r'<div class="arithmatex">\\\[\s*\\mathcal\{L\} = w', top)
+    assert 'href="losses/#lightning_kd.losses.KDLoss"' in top
+    assert 'href="#lightning_kd.module.DistillationModule.unpack_batch"' in top
+
+
+@pytest.mark.slow  # the site's build: about ten seconds, once for the module
 def test_the_top_level_page_names_every_export(site: Path) -> None:
     import lightning_kd
 
