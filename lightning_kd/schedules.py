@@ -93,7 +93,7 @@ class Schedule(ABC):
     ``values, milestones``), then these keyword-only ones, and implement :meth:`_shape`, the value at
     a given progress in ``(0, 1)`` after warm-up.
 
-    Args:
+    Attributes:
         start: value when the schedule proper begins (after warm-up).
         end: value reached at the horizon and held afterwards.
         warmup: warm-up length: an int number of steps, or a float fraction in ``[0, 1)`` of the
@@ -164,7 +164,7 @@ class Schedule(ABC):
         range is spanned by the endpoints, plus ``warmup_start`` when there is a warm-up. Use it to
         validate a schedule up front, e.g. that a temperature stays > 0.
 
-        Example:
+        Examples:
             >>> Linear(4.0, 1.0, warmup=5, warmup_start=0.5).value_range()
             (0.5, 4.0)
         """
@@ -210,9 +210,11 @@ class Constant(Schedule):
 
     Args:
         value: the value (also ``start`` and ``end``).
-        warmup, warmup_start, total: see :class:`Schedule`.
+        warmup: warm-up length in steps (int) or as a fraction of the horizon (float); see :class:`Schedule`.
+        warmup_start: value at step 0 when there is a warm-up (default: ``start``).
+        total: the schedule's own horizon in steps (default: the caller's).
 
-    Example:
+    Examples:
         >>> s = Constant(1.0, warmup=4, warmup_start=0.0)
         >>> [s(step, 10) for step in (0, 2, 4, 9)]
         [0.0, 0.5, 1.0, 1.0]
@@ -255,9 +257,13 @@ class Linear(_Interpolation):
     .. math:: f(p) = (1 - p)\\,\\text{start} + p\\,\\text{end}
 
     Args:
-        start, end, warmup, warmup_start, total: see :class:`Schedule`.
+        start: value when the schedule proper begins (after warm-up).
+        end: value reached at the horizon and held afterwards.
+        warmup: warm-up length in steps (int) or as a fraction of the horizon (float); see :class:`Schedule`.
+        warmup_start: value at step 0 when there is a warm-up (default: ``start``).
+        total: the schedule's own horizon in steps (default: the caller's).
 
-    Example:
+    Examples:
         >>> s = Linear(4.0, 1.0)
         >>> [s(step, 4) for step in range(6)]
         [4.0, 3.25, 2.5, 1.75, 1.0, 1.0]
@@ -274,9 +280,13 @@ class Cosine(_Interpolation):
     .. math:: f(p) = \\text{end} + (\\text{start} - \\text{end})\\,\\frac{1 + \\cos(\\pi p)}{2}
 
     Args:
-        start, end, warmup, warmup_start, total: see :class:`Schedule`.
+        start: value when the schedule proper begins (after warm-up).
+        end: value reached at the horizon and held afterwards.
+        warmup: warm-up length in steps (int) or as a fraction of the horizon (float); see :class:`Schedule`.
+        warmup_start: value at step 0 when there is a warm-up (default: ``start``).
+        total: the schedule's own horizon in steps (default: the caller's).
 
-    Example:
+    Examples:
         >>> s = Cosine(1.0, 0.0)
         >>> [round(s(step, 4), 4) for step in range(5)]
         [1.0, 0.8536, 0.5, 0.1464, 0.0]
@@ -294,13 +304,16 @@ class Exponential(_Interpolation):
     .. math:: f(p) = \\text{start}\\,\\left(\\frac{\\text{end}}{\\text{start}}\\right)^{p}
 
     Args:
-        start, end: both > 0.
-        warmup, warmup_start, total: see :class:`Schedule`.
+        start: value when the schedule proper begins (after warm-up), > 0.
+        end: value reached at the horizon and held afterwards, > 0.
+        warmup: warm-up length in steps (int) or as a fraction of the horizon (float); see :class:`Schedule`.
+        warmup_start: value at step 0 when there is a warm-up (default: ``start``).
+        total: the schedule's own horizon in steps (default: the caller's).
 
     Raises:
         ValueError: if ``start`` or ``end`` is not > 0.
 
-    Example:
+    Examples:
         >>> s = Exponential(8.0, 1.0)
         >>> [s(step, 3) for step in range(4)]
         [8.0, 4.0, 2.0, 1.0]
@@ -330,7 +343,9 @@ class Step(Schedule):
     Args:
         values: ``len(milestones) + 1`` values.
         milestones: where the value changes.
-        warmup, warmup_start, total: see :class:`Schedule`; the warm-up ramps to ``values[0]``.
+        warmup: warm-up length in steps (int) or as a fraction of the horizon (float); see :class:`Schedule`.
+        warmup_start: value at step 0 when there is a warm-up (default: ``values[0]``); the warm-up ramps to ``values[0]``.
+        total: the schedule's own horizon in steps (default: the caller's).
 
     Raises:
         TypeError: if ``values`` or ``milestones`` is not a sequence of numbers, or milestones mix
@@ -339,7 +354,7 @@ class Step(Schedule):
             milestones are not strictly increasing; when called, if an int milestone lies beyond
             the post-warm-up horizon (it would never be reached).
 
-    Example:
+    Examples:
         >>> s = Step([4.0, 2.0, 1.0], milestones=[0.5, 0.75])
         >>> [s(step, 8) for step in range(0, 9, 2)]
         [4.0, 4.0, 2.0, 1.0, 1.0]
@@ -422,7 +437,7 @@ def as_schedule(value: float | Schedule) -> Schedule:
     Raises:
         TypeError: for anything else.
 
-    Example:
+    Examples:
         >>> as_schedule(4)
         Constant(value=4.0, warmup=0, warmup_start=None, total=None)
     """
