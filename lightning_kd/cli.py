@@ -152,14 +152,51 @@ def check_overrides(cfg: DictConfig, overrides: list[str], schedule: str | None)
             )
 
 
+def check_objective(cfg: DictConfig) -> None:
+    """Refuse, before anything trains, an ``objective`` that does not name a stage of the task.
+
+    Raises:
+        ValueError: naming ``objective``, its form and the task's stages.
+    """
+    name = cfg.get("objective")
+    if name is None:
+        return
+    stage, _, key = str(name).partition(".")
+    if stage not in cfg.task.stages or not key:
+        raise ValueError(
+            f"Expected `objective` to be `<stage>.<report entry key>` with a stage of `task.stages` "
+            f"({', '.join(cfg.task.stages)}), e.g. `student_distilled.val_acc`, but got {name!r}."
+        )
+
+
+def objective(cfg: DictConfig, entries: dict[str, dict[str, Any]]) -> float | None:
+    """The value of ``cfg.objective`` (``<stage>.<key>``) in the run's report ``entries``; None without an objective.
+
+    Raises:
+        ValueError: if the stage's entry has no number under ``key``, listing the ones it has.
+    """
+    name = cfg.get("objective")
+    if name is None:
+        return None
+    check_objective(cfg)
+    stage, _, key = str(name).partition(".")
+    entry = entries.get(stage, {})
+    value = entry.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        numbers = [k for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        raise ValueError(f"Expected `objective={name}` to name a number of the {stage} entry ({', '.join(numbers)}), but got {value!r}.")
+    return float(value)
+
+
 def _entry_point(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
     @hydra.main(version_base="1.3", config_path="pkg://lightning_kd.conf", config_name="config")
-    def wrapped(cfg: DictConfig) -> None:
+    def wrapped(cfg: DictConfig) -> float | None:  # a sweeper (hydra/sweeper=optuna) optimizes the returned value
         hydra_cfg = HydraConfig.get()
         check_overrides(cfg, list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices.get("schedule"))
+        check_objective(cfg)
         try:
             with _quiet_lightning(), runs.sigterm_stops_the_run():
-                fn(cfg)
+                return objective(cfg, fn(cfg))
         except runs.Interrupted as stop:  # a scheduler's SIGTERM: checkpoints kept, nothing reported, a non-zero exit
             log.error("%s Resume by running the same command again with `hydra.run.dir=%s`.", stop, cfg.run_dir)
             sys.exit(runs.SIGTERM_EXIT_CODE)
