@@ -74,7 +74,10 @@ def summarize_sweep(sweep_dir: str | Path) -> tuple[list[SweepConfig], dict[str,
         if str(job) in unfinished:
             continue
         overrides = [str(o) for o in OmegaConf.load(job / OVERRIDES)]
-        seed = next((o.split("=", 1)[1] for o in overrides if _key(o) == SEED), "<default>")
+        seed = next((o.split("=", 1)[1] for o in overrides if _key(o) == SEED), None)
+        if seed is None:  # not swept: the job's composed config says which seed it ran
+            composed = job / ".hydra" / "config.yaml"
+            seed = str(OmegaConf.load(composed).get(SEED)) if composed.is_file() else "<unknown>"
         config = tuple(o for o in overrides if _key(o) != SEED)
         grouped.setdefault(config, []).append((seed, str(job), json.loads((job / "report.json").read_text())))
     if not grouped:

@@ -195,4 +195,4 @@ def test_optuna_searches_temperature_and_alpha_on_the_validation_accuracy(teache
         distill = json.loads((job / "student_distilled" / "result.json").read_text())["stage_config"]["config"]["distill"]
         assert distill["soft_loss"]["temperature"] == pytest.approx(temperature) and distill["alpha"] == pytest.approx(alpha)
     summary, _ = report.write_sweep_summary(sweep_dir)  # one row per trial
-    assert [c["seeds"] for c in summary["configs"]] == [["<default>"], ["<default>"]]
+    assert [c["seeds"] for c in summary["configs"]] == [["42"], ["42"]]  # not swept: the config's seed, from .hydra/config.yaml
