@@ -221,3 +221,10 @@ def test_the_console_script_imports_from_the_working_directory(tmp_path, monkeyp
     cli.import_from_working_directory()
     cli.import_from_working_directory()
     assert sys.path[0] == str(tmp_path) and sys.path.count(str(tmp_path)) == 1
+
+
+def test_python_safe_path_keeps_the_working_directory_off_sys_path(tmp_path):
+    """`python -P` / PYTHONSAFEPATH asks Python not to import from the working directory: the command does not either."""
+    probe = "import os, sys; from lightning_kd import cli; cli.import_from_working_directory(); print({'', os.getcwd()} & set(sys.path))"
+    out = subprocess.run([sys.executable, "-P", "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "set()"
