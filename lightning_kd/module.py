@@ -81,9 +81,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             teachers), recorded so that ``load_from_checkpoint`` can rebuild the teacher from it.
         teacher_weights: several teachers: None (mean) or one weight per teacher (list or dict).
         optimizer: a partial ``params -> Optimizer`` (Hydra ``_partial_: true``); default ``Adam(lr=1e-3)``.
-        lr_scheduler: None, ``"cosine"`` (per-step cosine decay over the run), a partial
-            ``optimizer -> scheduler`` (stepped every epoch), or a Lightning scheduler dict whose
-            ``"scheduler"`` is such a partial (e.g. ``{"scheduler": ..., "interval": "step"}``).
+        lr_scheduler: None, ``"cosine"`` (per-step cosine decay over the run), a
+            :class:`~lightning_kd.schedules.Schedule` (the learning rate's multiplier per optimizer step,
+            e.g. ``Cosine(1.0, 0.0, warmup=0.05, warmup_start=0.0)`` for a linear warm-up then cosine decay),
+            a partial ``optimizer -> scheduler`` (stepped every epoch), or a Lightning scheduler dict whose
+            ``"scheduler"`` is such a partial (e.g. ``{"scheduler": ..., "interval": "step"}``). A partial
+            whose ``total_steps``/``num_training_steps``/``T_max`` is unset is told the run's length
+            (:mod:`lightning_kd.optim`).
         keep_teacher_in_checkpoint: also save the teacher's weights in checkpoints.
         speed: :class:`Speed` options (teacher dtype, ``compile``, channels-last).
 

@@ -2,7 +2,8 @@
 
 The only module that knows about tables and plots. Also a small command to summarise several
 runs (seeds) as mean ± std: ``python -m lightning_kd.report multirun/pipeline/<stamp>``; runs whose
-settings differ in more than their seed get one table each.
+settings differ in more than their seed get one table each. ``--sweep <multirun dir>`` summarises a
+sweep as one row per config (its overrides but the seed): :mod:`lightning_kd.sweep`.
 """
 
 from __future__ import annotations
@@ -277,10 +278,56 @@ def summarize(run_dirs: Iterable[str | Path]) -> tuple[dict[str, dict[str, Any]]
     return groups[0][1], groups[0][2]
 
 
+def _percent(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f} ± {'–' if std is None else f'{100 * std:.2f}'} %"
+
+
+def sweep_markdown(summary: dict[str, Any], title: str) -> str:
+    """A sweep's summary (:func:`lightning_kd.sweep.as_json`) as markdown: the overrides every run shares, then one row
+    per config: the overrides that tell it apart, the number of seeds ``n``, the seeds, and per model stage the test
+    accuracy's mean ± sample standard deviation over the seeds."""
+    configs = summary["configs"]
+    keys = list(dict.fromkeys(k for c in configs for k in c["overrides"]))
+    stages = ordered({stage: None for c in configs for stage in c["test_acc"]})
+    runs = sum(len(c["seeds"]) for c in configs)
+    lines = [f"## Sweep {title}: {len(configs)} config(s), {runs} run(s)", ""]
+    if summary["shared_overrides"]:
+        lines += ["All runs: " + " ".join(f"`{k}={v}`" for k, v in summary["shared_overrides"].items()), ""]
+    if summary["unfinished_jobs"]:
+        lines += [f"Not finished (no report.json), left out: {', '.join(summary['unfinished_jobs'])}", ""]
+    lines.append("| " + " | ".join([*keys, "n", "seeds", *(f"{stage} test acc (mean ± std)" for stage in stages)]) + " |")
+    lines.append("|" + "---|" * (len(keys) + 2 + len(stages)))
+    for c in configs:
+        cells = [c["overrides"].get(k, "–") for k in keys] + [str(len(c["seeds"])), ", ".join(c["seeds"])]
+        for stage in stages:
+            acc = c["test_acc"].get(stage)
+            cells.append("–" if acc is None else _percent(acc["mean"], acc["std"]) + (f" (n={acc['n']})" if acc["n"] != len(c["seeds"]) else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_summary(sweep_dir: str | Path) -> tuple[dict[str, Any], str]:
+    """Summarise the multirun in ``sweep_dir``: write ``sweep_summary.md`` and ``sweep_summary.json`` there, return both."""
+    from lightning_kd import sweep
+
+    summary = sweep.as_json(*sweep.summarize_sweep(sweep_dir))
+    text = sweep_markdown(summary, str(sweep_dir))
+    atomic_write_text(Path(sweep_dir) / "sweep_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(Path(sweep_dir) / "sweep_summary.md", text)
+    return summary, text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Summarise lightning-kd runs (e.g. a seed multirun) as mean ± std.")
     parser.add_argument("run_dirs", nargs="+", help="directories searched recursively for report.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="each directory is a multirun: one row per config (its overrides but the seed), mean ± std over seeds; "
+                             "also written to <dir>/sweep_summary.md and .json")
     args = parser.parse_args(argv)
+    if args.sweep:
+        for run_dir in args.run_dirs:
+            print(write_sweep_summary(run_dir)[1])
+        return
     groups = summarize_groups(args.run_dirs)
     for i, (settings, _, text) in enumerate(groups):
         if len(groups) > 1:  # the settings that tell this group from the others

@@ -417,6 +417,7 @@ def run_stage(
     try:  # Lightning's SIGTERM handler stops fit/test at the end of a batch (SIGTERMException, or only the flag)
         if not given_teacher:
             trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume), weights_only=True)
+        val_acc = _float(trainer.callback_metrics.get("val/acc"))  # the last epoch's, before test adds its own metrics
         if not trainer.received_sigterm:
             metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     except SIGTERMException:
@@ -429,6 +430,7 @@ def run_stage(
     checkpoint = str(teacher_checkpoint) if given_teacher else str(stage_dir / "checkpoints" / "last.ckpt")
     entry = {
         "test_acc": _float(metrics.get("test/acc")),
+        "val_acc": val_acc,  # what a sweep may tune on (`objective=student_distilled.val_acc`), not the test set
         "params": report.count_parameters(module.student),
         "weights_bytes": None,
         "checkpoint_bytes": None,
