@@ -25,7 +25,8 @@ class FrozenTeacher:
       ``model.eval()`` before fit;
     - checkpoints: ``load_from_checkpoint`` never unpickles (``weights_only=True``, always);
       ``on_save_checkpoint`` records the teacher's fingerprint and ``on_load_checkpoint`` refuses a
-      teacher whose weights differ from it.
+      teacher whose weights differ from it; loaded without a teacher, a distilled student is
+      :attr:`student_only` (inference).
     """
 
     _teacher_fingerprint: str | None = None
@@ -162,14 +163,17 @@ class FrozenTeacher:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+        # Whether the student learns from a teacher (online, or its stored outputs): loaded without one, it is
+        # `student_only`. A recorded key, since Lightning overwrites the saved hyperparameters with the load's arguments.
+        checkpoint["distilled"] = self.teacher is not None or getattr(self, "soft_targets", None) is not None or self.student_only  # type: ignore[attr-defined]
         if self.teacher is not None:  # type: ignore[attr-defined]
             checkpoint["teacher_dtypes"] = _float_dtypes(self.teacher)  # type: ignore[attr-defined]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = checkpoint.get("teacher_fingerprint")
         teacher = self.teacher  # type: ignore[attr-defined]
-        stored = (checkpoint.get("hyper_parameters") or {}).get("soft_targets")
-        if teacher is None and getattr(self, "soft_targets", None) is None and (expected is not None or stored is not None):
+        distilled = checkpoint.get("distilled", expected is not None)  # (older checkpoints: a teacher's fingerprint)
+        if teacher is None and getattr(self, "soft_targets", None) is None and distilled:
             self.student_only = True
             # Only the student's weights matter for inference: the teacher's (keep_teacher_in_checkpoint), FitNet's
             # adapters or a learned temperature are dropped; a student key that does not fit still fails loudly.

@@ -115,7 +115,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         soft_targets: SoftTargetStore | str | os.PathLike[str] | None = None,
         augmentation: Augmentation | None = None,
         augmentation_seed: int = 0,
-        teacher_checkpoint: str | os.PathLike[str] | Sequence[Any] | Mapping[str, Any] | None = None,
+        teacher_checkpoint: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str] | None = None,  # lists first: jsonargparse reads a list as a str
         teacher_weights: Sequence[float] | Mapping[str, float] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: str | Callable[..., Any] | Mapping[str, Any] | None = None,

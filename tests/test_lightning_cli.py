@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning_kd import DistillationAnnealing, DistillationModule, load_weights
 from lightning_kd.checkpoint import fingerprint
 from lightning_kd.data import MNIST1DDataModule
-from lightning_kd.losses import KDLoss
+from lightning_kd.losses import DKDLoss, KDLoss
 from lightning_kd.models import CNN1D, MLP
 from lightning_kd.schedules import Linear
 
@@ -70,6 +70,27 @@ def test_the_example_builds_the_module_it_describes(tmp_path, teacher_file):
     # hyperparameters stay plain values (checkpoints load with weights_only=True): no module in them
     assert module.hparams["teacher_checkpoint"] == str(teacher_file)
     assert not any(isinstance(v, torch.nn.Module) for v in module.hparams.values())
+
+
+def test_several_teachers_a_loss_and_speed_by_class_path(tmp_path, teacher_file):
+    torch.manual_seed(1)
+    second = tmp_path / "teacher2.pt"
+    torch.save(CNN1D().state_dict(), second)
+    (tmp_path / "ensemble.yaml").write_text(f"""
+model:
+  teacher: [{{class_path: lightning_kd.models.CNN1D}}, {{class_path: lightning_kd.models.CNN1D}}]
+  teacher_checkpoint: [{teacher_file}, {second}]   # a list, not the string of one
+  teacher_weights: [3, 1]
+  soft_loss: {{class_path: lightning_kd.losses.DKDLoss, init_args: {{beta: 2.0}}}}
+  speed: {{class_path: lightning_kd.Speed, init_args: {{teacher_dtype: bfloat16}}}}
+""")
+    module = lightning_cli.main(["--config", str(EXAMPLE), "--config", str(tmp_path / "ensemble.yaml")], run=False).model
+    assert module.teacher.weights == {"0": 0.75, "1": 0.25}
+    for member, path in zip(module.teacher.values(), (teacher_file, second)):
+        expected = load_weights(CNN1D(), path).to(torch.bfloat16)
+        assert fingerprint(member) == fingerprint(expected)
+    assert isinstance(module.soft_loss, DKDLoss) and module.soft_loss.beta == 2.0
+    assert module.hparams["teacher_checkpoint"] == [str(teacher_file), str(second)]
 
 
 def test_lightning_clis_own_optimizer_key_is_refused(tmp_path, teacher_file, capsys):

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kd import DistillationModule
+from lightning_kd import DistillationModule, build_soft_targets, with_soft_targets
 from lightning_kd.losses import DKDLoss, KDLoss, LearnableTemperature
 from lightning_kd.models import get_model
 
@@ -64,10 +64,14 @@ def test_student_only_reload_gives_the_trained_students_outputs(tmp_path, soft_l
     assert torch.equal(predictions, trained(x).detach())
 
     # testing is inference too: the logged test metrics are the trained student's, recomputed here in float64
-    metrics = trainer(tmp_path).test(loaded, loader(x, y, batch=64), verbose=False)[0]
+    tester = trainer(tmp_path)
+    metrics = tester.test(loaded, loader(x, y, batch=64), verbose=False)[0]
     assert metrics["test/acc"] == pytest.approx(float((expected.argmax(-1) == y).double().mean()), abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(expected, y)), rel=1e-5)
     assert "test/agreement" not in metrics  # no teacher, no comparison with it
+    # saved again, it is still the student of a distillation: reloaded, still student-only
+    tester.save_checkpoint(tmp_path / "again.ckpt")
+    assert DistillationModule.load_from_checkpoint(tmp_path / "again.ckpt", student=get_model("mlp")).student_only
 
 
 def test_training_a_student_only_module_raises(tmp_path):
@@ -128,3 +132,17 @@ def test_load_from_checkpoint_without_a_student_says_what_to_pass(tmp_path):
 def test_a_recorded_teacher_checkpoint_without_a_teacher_is_refused_outside_a_reload(tmp_path):
     with pytest.raises(ValueError, match=r"`teacher_checkpoint` describe a teacher, but `teacher` is None"):
         DistillationModule(None, get_model("mlp"), teacher_checkpoint=str(tmp_path / "teacher.pt"))
+
+
+def test_a_store_trained_student_loaded_without_its_store_is_student_only(tmp_path):
+    x, y = data()
+    store = build_soft_targets(get_model("cnn1d"), loader(x, y), tmp_path / "store", trainer=trainer(tmp_path, logger=False))
+    module = DistillationModule(None, get_model("mlp"), soft_targets=store)
+    fitted = trainer(tmp_path, enable_checkpointing=False)
+    fitted.fit(module, with_soft_targets(loader(x, y), store))
+    fitted.save_checkpoint(tmp_path / "run.ckpt")
+    loaded = DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", student=get_model("mlp"), soft_targets=None)
+    assert loaded.student_only  # training it on would drop the soft term: refused
+    with pytest.raises(RuntimeError, match="without its teacher"):
+        trainer(tmp_path, enable_checkpointing=False).fit(loaded, loader(x, y))
+    assert not DistillationModule.load_from_checkpoint(tmp_path / "run.ckpt", student=get_model("mlp")).student_only  # store given back
