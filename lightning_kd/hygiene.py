@@ -165,7 +165,8 @@ class FrozenTeacher:
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
         # Whether the student learns from a teacher (online, or its stored outputs): loaded without one, it is
         # `student_only`. A recorded key, since Lightning overwrites the saved hyperparameters with the load's arguments.
-        checkpoint["distilled"] = self.teacher is not None or getattr(self, "soft_targets", None) is not None or self.student_only  # type: ignore[attr-defined]
+        teacher, store = self.teacher, getattr(self, "soft_targets", None)  # type: ignore[attr-defined]
+        checkpoint["distilled"] = teacher is not None or store is not None or self.student_only
         if self.teacher is not None:  # type: ignore[attr-defined]
             checkpoint["teacher_dtypes"] = _float_dtypes(self.teacher)  # type: ignore[attr-defined]
 

@@ -54,8 +54,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     training step, out of the optimizer, and out of checkpoints unless ``keep_teacher_in_checkpoint``
     (its fingerprint is recorded and checked on load instead). ``teacher=None`` trains the student on
     the hard loss alone (the "from scratch" baseline). ``load_from_checkpoint(path, student=...)``
-    without a teacher loads a distilled student for inference only (see ``student_only``). Override points: :meth:`unpack_batch`,
-    :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
+    without a teacher loads a distilled student for inference only (see ``student_only``). Override
+    points: :meth:`unpack_batch`, :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
 
     Args:
         teacher: the trained teacher, several (a list or dict: an ensemble whose logits are the
@@ -115,7 +115,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         soft_targets: SoftTargetStore | str | os.PathLike[str] | None = None,
         augmentation: Augmentation | None = None,
         augmentation_seed: int = 0,
-        teacher_checkpoint: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str] | None = None,  # lists first: jsonargparse reads a list as a str
+        # the list and dict forms first: LightningCLI (jsonargparse) would read a YAML list as its str
+        teacher_checkpoint: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         teacher_weights: Sequence[float] | Mapping[str, float] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: str | Callable[..., Any] | Mapping[str, Any] | None = None,
