@@ -25,11 +25,16 @@ class FrozenTeacher:
       ``model.eval()`` before fit;
     - checkpoints: ``load_from_checkpoint`` never unpickles (``weights_only=True``, always);
       ``on_save_checkpoint`` records the teacher's fingerprint and ``on_load_checkpoint`` refuses a
-      teacher whose weights differ from it.
+      teacher whose weights differ from it; loaded without a teacher, a distilled student is
+      :attr:`student_only` (inference).
     """
 
     _teacher_fingerprint: str | None = None
     _eval_mode_guard: warnings.catch_warnings | None = None
+    #: True once ``on_load_checkpoint`` loaded the checkpoint of a student trained with a teacher (or its stored
+    #: outputs) into a module without one: the student serves inference (``forward``, predict, validate, test),
+    #: and fit refuses, since it would go on training without the soft term.
+    student_only: bool = False
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> Any:
@@ -39,6 +44,7 @@ class FrozenTeacher:
         return self
 
     def on_fit_start(self) -> None:
+        self.check_can_train()
         # A user's `model.eval()` before fit must not freeze the student for the whole run. A student
         # that is itself in train mode keeps the modes its user chose for its submodules.
         if not self.student.training:  # type: ignore[attr-defined]
@@ -72,6 +78,20 @@ class FrozenTeacher:
         if not self.student.training:  # type: ignore[attr-defined]
             self.student.train()  # type: ignore[attr-defined]
 
+    def check_can_train(self) -> None:
+        """Refuse to train a student loaded for inference without the teacher it was distilled from.
+
+        Raises:
+            RuntimeError: if :attr:`student_only`, saying what to pass instead.
+        """
+        if self.student_only:
+            raise RuntimeError(
+                f"This {type(self).__name__} was loaded from the checkpoint of a distilled student without its teacher "
+                "(`teacher=None`): it serves inference only (forward, predict, validate, test). Training it would go on "
+                "without the soft term. To go on distilling, pass the teacher: `load_from_checkpoint(path, "
+                "teacher=<its architecture>, student=...)` (or `soft_targets=<the store>` for a store-trained student)."
+            )
+
     # ------------------------------------------------------------------ checkpoints
     def teacher_fingerprint(self) -> str | None:
         """SHA-256 of the teacher's parameters and buffers (cached during a fit: the teacher is frozen)."""
@@ -101,7 +121,13 @@ class FrozenTeacher:
         the ``teacher_checkpoint`` recorded in the checkpoint if that file still exists, else from the
         teacher given; either way their fingerprint must match the one the checkpoint recorded.
 
+        For inference, ``student=`` alone is enough: without a teacher (``teacher`` defaults to None
+        here), the checkpoint of a distilled student loads its student weights only (teacher weights,
+        FitNet adapters and the objective's objects are not needed) and the module is
+        :attr:`student_only`: ``forward``, predict, validate and test use the student; fit refuses.
+
         Raises:
+            TypeError: without ``student=``: a checkpoint holds the student's weights, not its code.
             ValueError: for ``weights_only=False``.
             FileNotFoundError: if ``checkpoint_path`` does not exist.
             CheckpointError: for an empty, truncated or non-torch file, or one holding pickled objects.
@@ -113,6 +139,12 @@ class FrozenTeacher:
                 f"Expected `weights_only=True`, but got {weights_only!r}: lightning-kd never unpickles a checkpoint "
                 "(a pickled payload runs code). Checkpoints written by lightning-kd load with weights_only=True."
             )
+        if "student" not in kwargs:
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint needs the student's architecture: pass `student=` (e.g. "
+                "`student=get_model('mlp')`); the checkpoint holds its weights, not its code."
+            )
+        kwargs.setdefault("teacher", None)  # the student alone, for inference (see `student_only`)
         token = LOADING_CHECKPOINT.set(True)
         try:
             return super().load_from_checkpoint(  # type: ignore[misc]
@@ -131,12 +163,24 @@ class FrozenTeacher:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["teacher_fingerprint"] = self.teacher_fingerprint()
+        # Whether the student learns from a teacher (online, or its stored outputs): loaded without one, it is
+        # `student_only`. A recorded key, since Lightning overwrites the saved hyperparameters with the load's arguments.
+        teacher, store = self.teacher, getattr(self, "soft_targets", None)  # type: ignore[attr-defined]
+        checkpoint["distilled"] = teacher is not None or store is not None or self.student_only
         if self.teacher is not None:  # type: ignore[attr-defined]
             checkpoint["teacher_dtypes"] = _float_dtypes(self.teacher)  # type: ignore[attr-defined]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         expected = checkpoint.get("teacher_fingerprint")
         teacher = self.teacher  # type: ignore[attr-defined]
+        distilled = checkpoint.get("distilled", expected is not None)  # (older checkpoints: a teacher's fingerprint)
+        if teacher is None and getattr(self, "soft_targets", None) is None and distilled:
+            self.student_only = True
+            # Only the student's weights matter for inference: the teacher's (keep_teacher_in_checkpoint), FitNet's
+            # adapters or a learned temperature are dropped; a student key that does not fit still fails loudly.
+            own = set(self.state_dict())  # type: ignore[attr-defined]
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in own or k.startswith("student.")}
+            return
         has_teacher_keys = any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {}))
         if expected is None or teacher is None or has_teacher_keys:
             return

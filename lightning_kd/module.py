@@ -53,8 +53,9 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     Teacher hygiene (:class:`~lightning_kd.hygiene.FrozenTeacher`): no gradient, eval mode on every
     training step, out of the optimizer, and out of checkpoints unless ``keep_teacher_in_checkpoint``
     (its fingerprint is recorded and checked on load instead). ``teacher=None`` trains the student on
-    the hard loss alone (the "from scratch" baseline). Override points: :meth:`unpack_batch`,
-    :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
+    the hard loss alone (the "from scratch" baseline). ``load_from_checkpoint(path, student=...)``
+    without a teacher loads a distilled student for inference only (see ``student_only``). Override
+    points: :meth:`unpack_batch`, :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
 
     Args:
         teacher: the trained teacher, several (a list or dict: an ensemble whose logits are the
@@ -118,7 +119,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         soft_targets: SoftTargetStore | str | os.PathLike[str] | None = None,
         augmentation: Augmentation | None = None,
         augmentation_seed: int = 0,
-        teacher_checkpoint: str | os.PathLike[str] | Sequence[Any] | Mapping[str, Any] | None = None,
+        # the list and dict forms first: LightningCLI (jsonargparse) would read a YAML list as its str
+        teacher_checkpoint: Sequence[Any] | Mapping[str, Any] | str | os.PathLike[str] | None = None,
         teacher_weights: Sequence[float] | Mapping[str, float] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: str | Callable[..., Any] | Mapping[str, Any] | None = None,
@@ -162,7 +164,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             check_not_shared(teacher, student)  # before anything is frozen or loaded: shared weights belong to the student too
             self.teacher = load_teacher(teacher, teacher_checkpoint, weights=teacher_weights, dtype=self.speed.teacher_dtype,
                                         missing_ok=LOADING_CHECKPOINT.get())
-        elif teacher_weights is not None or teacher_checkpoint is not None:
+        elif (teacher_weights is not None or teacher_checkpoint is not None) and not LOADING_CHECKPOINT.get():
+            # (recorded in a checkpoint loaded without its teacher: the student alone, see `student_only`)
             raise ValueError("`teacher_weights` / `teacher_checkpoint` describe a teacher, but `teacher` is None.")
         self.speed.apply(student, self.teacher)
         self.feature_distillation = feature_distillation(self.teacher, student, features, stored=store is not None)
@@ -341,6 +344,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         :meth:`on_before_optimizer_step` then divides the gradients by the valid tokens of the global batch, so
         that micro-batches with different numbers of valid tokens give the gradient of the one big batch.
         The logged ``train/loss`` is the step's mean per valid token."""
+        self.check_can_train()
         where = f"training step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch})"
         losses, inputs, targets, mask, student_out, teacher_out = self._training_losses(batch, where)
         rows = batch_utils.batch_size(inputs)
@@ -512,11 +516,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # the teacher's fingerprint; without a teacher, maybe `student_only`
+        if self.student_only:
+            return  # inference: the objective it was trained with does not matter
         check_objectives(checkpoint.get("distillation_objectives"), self._objectives)
         shapes = checkpoint.get("feature_adapters")
         if shapes and self.feature_distillation is not None and not self.feature_distillation.adapter_shapes:
             self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
-        super().on_load_checkpoint(checkpoint)
 
 
 

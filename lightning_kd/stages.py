@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -360,7 +361,7 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     logger: Any = False
     if cfg.get("logger"):
         _keep_earlier_metrics(stage_dir)
-        logger = hydra.utils.instantiate(cfg.logger, name=stage)
+        logger = build_logger(cfg.logger, stage)
     # The callbacks group chooses the progress bar: without one (callbacks=quiet) Lightning must not add its own.
     no_bar = {} if any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks) else {"enable_progress_bar": False}
     plugins = [hydra.utils.instantiate(p) if isinstance(p, DictConfig) else p for p in (cfg.trainer.get("plugins") or [])]
@@ -369,6 +370,14 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
     return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
                                    default_root_dir=str(stage_dir), **no_bar)
+
+
+def build_logger(logger: DictConfig, stage: str) -> Any:
+    """The ``logger`` config instantiated for one stage, named after it: ``name`` for Lightning's CSV and TensorBoard
+    loggers (their folder, ``<run_dir>/<stage>/``) and most others, ``run_name`` for the MLflow logger (the run)."""
+    parameters = inspect.signature(hydra.utils.get_class(logger._target_)).parameters
+    key = next((key for key in ("name", "run_name") if key in parameters), None)
+    return hydra.utils.instantiate(logger, **({key: stage} if key else {}))
 
 
 @rank_zero_only

@@ -138,7 +138,7 @@ def test_default_config(compose_cfg, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:You passed `Trainer\\(accelerator='cpu', precision='16-mixed'\\)`")  # checked below
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_builds(compose_cfg, tmp_path, group, option):
+def test_option_builds(compose_cfg, tmp_path, monkeypatch, group, option):
     """Each option composes with the defaults of every other group (or, if it has one, through its bundle), and all
     of the task's objects build from it."""
     if (group, option) in LM_OPTIONS and option.startswith("hf_"):
@@ -147,6 +147,8 @@ def test_option_builds(compose_cfg, tmp_path, group, option):
     lm = ("experiment=lm",) if (group, option) in LM_OPTIONS else ()
     cfg = compose_cfg(*lm, f"experiment={option}" if bundled else f"{group}={option}")
     assert cfg.hydra.runtime.choices[group] == option
+    for key, value in cfg.hydra.job.env_set.items():  # what `lightning-kd` sets for the job (logger=mlflow's file store)
+        monkeypatch.setenv(key, str(value))
     CHECKS[group](cfg, option, tmp_path)
     if group not in ("trainer", "task"):  # checked on their own below (GPU trainers, task stages)
         _build_everything(cfg, tmp_path)
@@ -314,9 +316,13 @@ def _check_logger(cfg, option, tmp_path):
         assert option == "none"
         assert trainer.logger is None and trainer.loggers == []
         return
-    logger = hydra.utils.instantiate(cfg.logger, name="teacher")
+    logger = stages.build_logger(cfg.logger, "teacher")
     assert isinstance(logger, Logger)
     assert isinstance(trainer.logger, type(logger))
+    if option == "mlflow":  # one MLflow run per stage, in a file store inside the run directory
+        assert trainer.logger._run_name == "teacher"
+        assert Path(trainer.logger.save_dir).resolve() == (tmp_path / "mlruns").resolve()
+        return
     # one directory per stage, inside the run directory
     assert Path(trainer.logger.log_dir).resolve() == (tmp_path / "teacher").resolve()
 
