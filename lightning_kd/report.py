@@ -13,7 +13,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -59,6 +59,14 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup
     model = copy.deepcopy(model).to("cpu").float().eval()
     example = _to_cpu(example)
     forward = (lambda: model(**example)) if isinstance(example, dict) else (lambda: model(example))  # noqa: E731  (HF-style keyword inputs)
+    return mean_ms(forward, repeats=repeats, warmup=warmup)
+
+
+def mean_ms(forward: Callable[[], Any], *, repeats: int = 100, warmup: int = 10) -> float:
+    """Mean wall-clock milliseconds of ``forward()`` over ``repeats`` calls, after ``warmup`` untimed ones.
+
+    One clock for every runtime the report compares (PyTorch eager, onnxruntime).
+    """
     for _ in range(warmup):
         forward()
     start = time.perf_counter()
