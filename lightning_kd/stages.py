@@ -497,16 +497,22 @@ def run_export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     hint = ("[lightning-kd: `export.checkpoint`, `export.stage`, `export.formats`, `export.atol`, `export.overwrite=true`; "
             "without a run's record beside the checkpoint, the architecture is the `student` group's]")
     with _config_hint(hint):
-        architecture = export.recorded_architecture(checkpoint) or OmegaConf.to_container(cfg.student.model, resolve=True)
+        architecture = export.recorded_architecture(checkpoint)
+        log.info("Export: the architecture of %s is %s.", checkpoint, "the one its run recorded" if architecture else "the `student` group's")
+        architecture = architecture or OmegaConf.to_container(cfg.student.model, resolve=True)
         student = export.load_student(checkpoint, hydra.utils.instantiate(architecture, _convert_="all"))
         datamodule = build_datamodule(cfg, EXPORT_STAGE)
         datamodule.prepare_data()
         datamodule.setup("test")
-        batches = [batch_utils.unpack(batch)[0] for batch in datamodule.test_dataloader()]
-        files = export.export_student(checkpoint, out_dir, example_input=batches[0], formats=wanted["formats"], student=student,
-                                      check_inputs=batches[1:], atol=wanted["atol"], overwrite=settings.overwrite)
+        batches = (batch_utils.unpack(batch)[0] for batch in datamodule.test_dataloader())  # one test batch in memory at a time
+        example = next(batches, None)  # traces the graph; the rest of the test set is checked
+        if example is None:
+            raise ValueError("The test set of `data` is empty: the export has nothing to be checked on.")
+        files = export.export_student(checkpoint, out_dir, example_input=example, formats=wanted["formats"], student=student,
+                                      check_inputs=batches, atol=wanted["atol"], overwrite=settings.overwrite)
     manifest = read_json(files["manifest"], what="export manifest")
-    example, repeats = batches[0], int(cfg.report.latency_batches)
+    checked = manifest.get("onnx") or {}
+    repeats = int(cfg.report.latency_batches)
     latency = {"pytorch": report.cpu_latency_ms(student, example, repeats=repeats)}
     if "onnx" in files:
         session = export.onnx_session(files["onnx"])
@@ -518,8 +524,9 @@ def run_export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "checkpoint": runs.portable(checkpoint, run_dir),
         "params": manifest["parameters"],
         "files": {fmt: {"path": runs.portable(files[fmt], run_dir), "bytes": files[fmt].stat().st_size} for fmt in wanted["formats"]},
-        "max_abs_diff": (manifest.get("onnx") or {}).get("max_abs_diff"),
-        "test_samples": sum(batch_utils.batch_size(inputs) for inputs in batches),
+        "max_abs_diff": checked.get("max_abs_diff"),
+        # the checks ran on the test set and on its first batch doubled (another batch size than the traced one)
+        "test_samples": checked["checked_samples"] - 2 * batch_utils.batch_size(example) if checked else None,
         "latency_ms": latency,
         "latency_batch_size": batch_utils.batch_size(example),
         "latency_repeats": repeats,
