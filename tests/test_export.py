@@ -320,6 +320,13 @@ def test_the_export_task_ships_a_runs_student_and_reports_both_runtimes(tmp_path
     with torch.no_grad():
         np.testing.assert_allclose(shipped_student(x).double().numpy(), expected, rtol=0, atol=1e-5)
 
+    # task=export in the finished run's directory: the done export is reused, the report keeps its model rows
+    mtime = (run / "export" / "student.onnx").stat().st_mtime_ns
+    assert cli.train(make_cfg(run, "task=export", "export.stage=student_scratch", "report.latency_batches=3")) == {}
+    again = read_report(run)
+    assert again["entries"] == shipped["entries"] and again["export"] == export and again["meta"] == shipped["meta"]
+    assert "| student_scratch |" in (run / "report.md").read_text() and (run / "export" / "student.onnx").stat().st_mtime_ns == mtime
+
     # task=export elsewhere, from the checkpoint: the architecture comes from the run's record (the config says cnn1d_small)
     other = tmp_path / "other"
     overrides = ("task=export", f"export.checkpoint={run / 'student_scratch' / 'checkpoints' / 'last.ckpt'}", "student=cnn1d_small",
