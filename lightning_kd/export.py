@@ -92,6 +92,7 @@ def export_student(
 
     Example::
 
+        import torch
         from lightning_kd import export_student
         from lightning_kd.models import get_model
 
@@ -114,6 +115,7 @@ def export_student(
         )
     path = Path(checkpoint).expanduser()
     model = load_student(path, student)
+    example_input = cast_inputs(example_input, model)  # float inputs in the model's dtype: the graph's input type
     manifest: dict[str, Any] = {
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "architecture": recorded_architecture(path),  # what the run recorded, if it was a lightning-kd run

@@ -108,6 +108,15 @@ def test_onnx_matches_the_reference_on_another_batch_size(checkpoint, tmp_path):
     assert set(manifest["versions"]) == {"lightning-kd", "torch", "safetensors", "onnx", "onnxscript", "onnxruntime"}
 
 
+def test_a_float64_example_is_traced_in_the_models_dtype(checkpoint, tmp_path):
+    files = export_student(checkpoint, tmp_path, example_input=held_out(4).double(), formats=["onnx"], student=student())
+    session = ort.InferenceSession(str(files["onnx"]))
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert json.loads(files["manifest"].read_text())["inputs"][0]["dtype"] == "float32"
+    (logits,) = session.run(None, {"x": held_out(6).numpy()})
+    np.testing.assert_allclose(logits, reference_logits(checkpoint, held_out(6)).numpy(), rtol=0, atol=1e-5)
+
+
 def test_the_exports_load_with_torch_and_onnxruntime_alone(checkpoint, tmp_path):
     """A fresh interpreter with neither Lightning nor lightning-kd: the user's side of the export."""
     files = export_student(checkpoint, tmp_path, example_input=held_out(4), student=student())
