@@ -238,6 +238,7 @@ def test_a_checkpoint_with_pickled_objects_is_refused_unrun(checkpoint, tmp_path
         (["onnx", "torchscript"], ValueError, r"Expected `formats` to hold any of safetensors, onnx, but got unknown format\(s\) \['torchscript'\]"),
         ([], ValueError, r"Expected `formats` to hold any of safetensors, onnx, but got no format"),
         ("onnx", TypeError, r"Expected `formats` to be a sequence of format names such as \('onnx',\), but got 'onnx'.*safetensors, onnx"),
+        (3, TypeError, r"Expected `formats` to be a sequence of format names such as \('onnx',\), but got 3 \(int\)"),
     ],
 )
 def test_an_unknown_format_is_refused_naming_the_allowed_ones(checkpoint, tmp_path, formats, error, match):
@@ -262,6 +263,20 @@ def test_bad_settings_are_refused(checkpoint, tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         export_student(checkpoint, tmp_path / "out", **given)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"The student checkpoint .*nope.ckpt' does not exist"):
+        export_student(tmp_path / "nope.ckpt", tmp_path / "out", example_input=held_out(4), student=student())
+
+
+def test_onnxruntime_inputs_are_matched_by_name(checkpoint, tmp_path):
+    from lightning_kd.export import onnx_feed, onnx_session
+
+    session = onnx_session(export_student(checkpoint, tmp_path, example_input=held_out(4), formats=["onnx"], student=student())["onnx"])
+    assert set(onnx_feed(session, {"x": held_out(2)})) == {"x"}
+    with pytest.raises(ValueError, match=r"The ONNX model takes the inputs \['x'\], but the batch has no \['x'\] \(it has \['input_ids'\]\)"):
+        onnx_feed(session, {"input_ids": held_out(2)})
 
 
 def test_an_earlier_export_is_not_overwritten_unless_asked(checkpoint, tmp_path):
