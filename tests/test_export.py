@@ -369,6 +369,17 @@ def test_the_export_task_ships_a_runs_student_and_reports_both_runtimes(tmp_path
     cli.train(make_cfg(other, *overrides, "export.formats=[onnx]", "export.overwrite=true"))
     assert read_report(other)["export"]["formats"] == ["onnx"]
 
+    # a state-dict file outside any run: the architecture is the `student` group's, and a wrong one is named
+    loose = tmp_path / "loose" / "model.pt"
+    loose.parent.mkdir()
+    shutil.copy(run / "student_scratch" / "model.pt", loose)
+    with pytest.raises(RuntimeError, match=r"does not fit this model.*the architecture is the `student` group's\]"):
+        cli.train(make_cfg(tmp_path / "wrong", "task=export", f"export.checkpoint={loose}", "student=cnn1d_small"))
+    cli.train(make_cfg(tmp_path / "right", "task=export", f"export.checkpoint={loose}", "report.latency_batches=3"))
+    manifest = json.loads((tmp_path / "right" / "export" / "export.json").read_text())
+    assert manifest["architecture"] is None and manifest["model"] == "lightning_kd.models.mnist1d.MLP"
+    assert manifest["onnx"]["max_abs_diff"] <= 1e-5
+
 
 def test_the_export_task_without_a_checkpoint_names_the_settings(tmp_path):
     with pytest.raises(ValueError, match=r"Nothing to export: stage student_distilled has not finished in .*`export.checkpoint=PATH`"):
