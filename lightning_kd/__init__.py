@@ -29,6 +29,7 @@ _EXPORTS = {
     "with_soft_targets": "lightning_kd.soft_targets.batches",
     "KDLoss": "lightning_kd.losses",
     "OnPolicy": "lightning_kd.on_policy",
+    "export_student": "lightning_kd.export",
     "kd_loss": "lightning_kd.losses",
     "load_teacher": "lightning_kd.teachers",
     "load_weights": "lightning_kd.weights",

@@ -27,16 +27,28 @@ log = logging.getLogger("lightning_kd")
 
 
 def train(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """Run every stage of ``cfg.task.stages`` in ``cfg.run_dir`` and write the report; return its entries."""
+    """Run every stage of ``cfg.task.stages`` in ``cfg.run_dir`` and write the report; return its model entries
+    (an ``export`` stage adds a table of its own to the report)."""
     own_models(cfg)
     entries = stages.run(cfg)
+    run_dir = Path(cfg.run_dir)
+    shipped = stages.exported(run_dir) if stages.EXPORT_STAGE in cfg.task.stages else None
     if entries:
-        _write(cfg, Path(cfg.run_dir), entries)
+        _write(cfg, run_dir, entries, export=shipped)
+    elif shipped is not None:
+        _write_export(cfg, run_dir, shipped)
     return entries
 
 
 @rank_zero_only
-def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -> None:
+def _write_export(cfg: DictConfig, run_dir: Path, shipped: dict[str, Any]) -> None:
+    """``task=export``: the export table joins the report already in ``run_dir`` (its rows kept), or starts one."""
+    md = report.add_export(run_dir, shipped, plot=bool(cfg.report.plot))
+    log.info("Export table written to %s", md)
+
+
+@rank_zero_only
+def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]], *, export: dict[str, Any] | None = None) -> None:
     """The report; its meta says what the runs of one experiment share (all but ``seed``), for ``report.summarize``."""
     given = cfg.teacher.get("checkpoint")
     settings = {stage: runs.setting(runs.stage_record(cfg, stage, teacher={} if stage == "teacher" and given else None))
@@ -56,7 +68,7 @@ def _write(cfg: DictConfig, run_dir: Path, entries: dict[str, dict[str, Any]]) -
         "teacher_checkpoint": runs.portable(given, run_dir) if given else None,
         "stage_settings": {stage: runs.record_hash(setting)[:16] for stage, setting in settings.items()},
     }
-    md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot), settings=settings)
+    md = report.write_report(entries, run_dir, meta=meta, plot=bool(cfg.report.plot), settings=settings, export=export)
     report.print_table(entries)
     log.info("Report written to %s", md)
 

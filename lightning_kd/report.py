@@ -14,12 +14,12 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from lightning_kd.io import atomic_write, atomic_write_text
+from lightning_kd.io import atomic_write, atomic_write_text, read_json
 
 # Report rows in workflow order; other names follow alphabetically.
 ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_distilled_stored", "student_on_policy",
@@ -60,6 +60,14 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup
     model = copy.deepcopy(model).to("cpu").float().eval()
     example = _to_cpu(example)
     forward = (lambda: model(**example)) if isinstance(example, dict) else (lambda: model(example))  # noqa: E731  (HF-style keyword inputs)
+    return mean_ms(forward, repeats=repeats, warmup=warmup)
+
+
+def mean_ms(forward: Callable[[], Any], *, repeats: int = 100, warmup: int = 10) -> float:
+    """Mean wall-clock milliseconds of ``forward()`` over ``repeats`` calls, after ``warmup`` untimed ones.
+
+    One clock for every runtime the report compares (PyTorch eager, onnxruntime).
+    """
     for _ in range(warmup):
         forward()
     start = time.perf_counter()
@@ -125,30 +133,72 @@ def write_report(
     meta: dict[str, Any] | None = None,
     plot: bool = True,
     settings: dict[str, Any] | None = None,
+    export: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.json``, ``report.md`` (and ``report.png``) into ``run_dir``; return the markdown path.
 
     Each file is written atomically (a crash leaves the previous report or the new one). ``settings``
-    (each stage's resolved settings, seed excluded) goes into ``report.json`` for :func:`summarize`.
+    (each stage's resolved settings, seed excluded) goes into ``report.json`` for :func:`summarize`;
+    ``export`` (the export stage's entry) into its ``export`` and a table of its own (:func:`export_table`).
     """
     run_dir = Path(run_dir)
     payload: dict[str, Any] = {"entries": {name: entries[name] for name in ordered(entries)}, "meta": meta or {}}
     if settings is not None:
         payload["settings"] = settings
+    if export is not None:
+        payload["export"] = export
     atomic_write_text(run_dir / "report.json", json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    text = ["# lightning-kd report", "", markdown_table(entries), ""]
-    shown = {k: v for k, v in (meta or {}).items() if not isinstance(v, (dict, list))}
-    if shown:
-        text += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()), ""]
-    text += [
-        "Accuracy of the last epoch on the test set. Latency: mean wall-clock time of one forward pass "
-        "of one test batch on the CPU, eval mode, no autograd. Weights: the exported `model.pt` state dict; checkpoint: the stage's `last.ckpt` (optimizer state included, teacher excluded).",
-        "",
-    ]
+    text = ["# lightning-kd report", ""]
+    if entries or export is None:
+        text += [markdown_table(entries), ""]
+        shown = {k: v for k, v in (meta or {}).items() if not isinstance(v, (dict, list))}
+        if shown:
+            text += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()), ""]
+        text += [
+            "Accuracy of the last epoch on the test set. Latency: mean wall-clock time of one forward pass "
+            "of one test batch on the CPU, eval mode, no autograd. Weights: the exported `model.pt` state dict; checkpoint: the stage's `last.ckpt` (optimizer state included, teacher excluded).",
+            "",
+        ]
+    if export is not None:
+        text += ["## Export", "", export_table(export), "", export_note(export), ""]
     md = atomic_write_text(run_dir / "report.md", "\n".join(text))
     if plot and entries:
         plot_report(entries, run_dir / "report.png")
     return md
+
+
+def add_export(run_dir: str | Path, export: dict[str, Any], *, plot: bool = True) -> Path:
+    """Add the export stage's table to the run's report, keeping the rows, settings and meta it already has
+    (``task=export`` in the directory of a finished run), or start a report with the table alone."""
+    earlier = read_json(Path(run_dir) / "report.json", what="report") if (Path(run_dir) / "report.json").is_file() else {}
+    return write_report(earlier.get("entries") or {}, run_dir, meta=earlier.get("meta"), plot=plot, settings=earlier.get("settings"),
+                        export=export)
+
+
+def export_table(export: dict[str, Any]) -> str:
+    """The exported student per runtime: its file, size, max abs difference to PyTorch and CPU latency per batch."""
+    files, latency = export.get("files") or {}, export.get("latency_ms") or {}
+    rows = [("PyTorch (eager)", "safetensors", None, latency.get("pytorch"))]
+    if "onnx" in files:
+        rows.append(("onnxruntime", "onnx", export.get("max_abs_diff"), latency.get("onnxruntime")))
+    lines = ["| runtime | file | KiB | max abs diff vs PyTorch | CPU ms/batch |", "|---|---|---|---|---|"]
+    for runtime, fmt, diff, ms in rows:
+        file = files.get(fmt) or {}
+        name = f"`{file['path']}`" if file else "–"
+        shown_diff = "–" if diff is None else f"{diff:.2e}"
+        lines.append(f"| {runtime} | {name} | {_cell('file_bytes', file.get('bytes'), None)} | {shown_diff} | {_cell('latency_ms', ms, '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def export_note(export: dict[str, Any]) -> str:
+    """What :func:`export_table` measured, in one paragraph."""
+    note = f"The student of `{export.get('checkpoint')}` ({export.get('params', 0):,} parameters), without teacher or adapters."
+    if export.get("max_abs_diff") is not None:
+        note += (f" Max abs difference of onnxruntime's logits to PyTorch's over the test set ({export.get('test_samples'):,} "
+                 f"examples) and the first test batch doubled (the batch axis is dynamic): accepted up to {export.get('atol'):g}.")
+    note += (f" Latency: mean wall-clock time of {export.get('latency_repeats')} forward passes of one test batch of "
+             f"{export.get('latency_batch_size')} on the CPU with {export.get('threads')} thread(s), after 10 untimed ones.")
+    return note
 
 
 def plot_report(entries: dict[str, dict[str, Any]], path: str | Path) -> Path:

@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_kd import batch as batch_utils
-from lightning_kd import report, runs
+from lightning_kd import export, report, runs
 from lightning_kd.callbacks import canonical_path
 from lightning_kd.checkpoint import fingerprint
-from lightning_kd.io import atomic_write
+from lightning_kd.io import atomic_write, atomic_write_json, read_json
 from lightning_kd.module import DistillationModule
 from lightning_kd.soft_targets.batches import SoftTargetDataModule
 from lightning_kd.soft_targets.build import build_soft_targets
@@ -54,7 +54,9 @@ STORED_STAGES = ("student_distilled_stored",)
 # and `on_policy.soft_loss` (CausalLMDistillation).
 ON_POLICY_STAGES = ("student_on_policy",)
 MODEL_STAGES = ("teacher", *STUDENT_STAGES)  # the report's rows
-STAGES = ("teacher", "soft_targets", *STUDENT_STAGES, *STORED_STAGES, *ON_POLICY_STAGES)
+# Ships a trained stage's student (`export.stage`, or `export.checkpoint`): its own table in the report.
+EXPORT_STAGE = "export"
+STAGES = ("teacher", "soft_targets", *STUDENT_STAGES, *STORED_STAGES, *ON_POLICY_STAGES, EXPORT_STAGE)
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -110,12 +112,15 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     finished_teacher = None if teacher_checkpoint else runs.read_result(run_dir, "teacher")
     known_teacher = finished_teacher["checkpoint"] if finished_teacher else teacher_checkpoint
     for stage in stages:
-        if stage != "soft_targets":
+        if stage not in ("soft_targets", EXPORT_STAGE):
             runs.check_stage(run_dir / stage, runs.record(cfg, stage, known_teacher))
     store: SoftTargetStore | None = None  # opened (hashed, checked against the teacher) once for all stages
     for stage in stages:
         if stage == "soft_targets":
             store = build_store(cfg, run_dir, teacher_checkpoint)
+            continue
+        if stage == EXPORT_STAGE:
+            run_export(cfg, run_dir)
             continue
         if store is None and _reads_store(cfg, stage) and not (run_dir / stage / runs.RESULT).is_file():
             store = open_store(cfg, teacher_checkpoint)  # builds a teacher to check it: before the stage seeds
@@ -476,6 +481,100 @@ def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: Distillati
             count = int(tokens.sum()) if isinstance(example, dict) and "attention_mask" in example else tokens.numel()
             entry["tokens_per_s"] = count / (entry["latency_ms"] / 1e3)
     runs.write_result(run_dir, stage, entry, checkpoint, record)
+
+
+# ------------------------------------------------------------------------------ the export stage
+
+
+@rank_zero_only
+def run_export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The ``export`` stage: :func:`~lightning_kd.export.export_student` of ``export.checkpoint`` (or of the finished
+    ``export.stage`` of this run) into ``<run_dir>/export/``, checked on the test set, with PyTorch's and onnxruntime's
+    CPU latency per test batch. An export of the same checkpoint under the same settings is reused.
+
+    Raises:
+        ValueError: without a checkpoint to export, or for an ``export.stage`` that is no model stage.
+        FileExistsError: over another export's files without ``export.overwrite=true``.
+    """
+    settings = cfg.export
+    checkpoint = _export_checkpoint(cfg, run_dir)
+    out_dir = run_dir / EXPORT_STAGE
+    wanted = {"source_sha256": runs.file_digest(checkpoint), "formats": list(settings.formats), "atol": float(settings.atol)}
+    done = exported(run_dir)
+    if (done is not None and {key: done.get(key) for key in wanted} == wanted
+            and all(Path(runs.located(file["path"], run_dir)).is_file() for file in done["files"].values())):
+        log.info("Stage export already done in %s for this checkpoint: reusing it.", out_dir)
+        return done
+    hint = ("[lightning-kd: `export.checkpoint`, `export.stage`, `export.formats`, `export.atol`, `export.overwrite=true`; "
+            "without a run's record beside the checkpoint, the architecture is the `student` group's]")
+    with _config_hint(hint):
+        architecture = export.recorded_architecture(checkpoint)
+        log.info("Export: the architecture of %s is %s.", checkpoint, "the one its run recorded" if architecture else "the `student` group's")
+        architecture = architecture or OmegaConf.to_container(cfg.student.model, resolve=True)
+        student = export.load_student(checkpoint, hydra.utils.instantiate(architecture, _convert_="all"))
+        datamodule = build_datamodule(cfg, EXPORT_STAGE)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        batches = (batch_utils.unpack(batch)[0] for batch in datamodule.test_dataloader())  # one test batch in memory at a time
+        example = next(batches, None)  # traces the graph; the rest of the test set is checked
+        if example is None:
+            raise ValueError("The test set of `data` is empty: the export has nothing to be checked on.")
+        files = export.export_student(checkpoint, out_dir, example_input=example, formats=wanted["formats"], student=student,
+                                      check_inputs=batches, atol=wanted["atol"], overwrite=settings.overwrite)
+    manifest = read_json(files["manifest"], what="export manifest")
+    checked = manifest.get("onnx") or {}
+    repeats = int(cfg.report.latency_batches)
+    latency = {"pytorch": report.cpu_latency_ms(student, example, repeats=repeats)}
+    if "onnx" in files:
+        session = export.onnx_session(files["onnx"])
+        feed = export.onnx_feed(session, example)
+        latency["onnxruntime"] = report.mean_ms(lambda: session.run(None, feed), repeats=repeats)
+    entry = {
+        **wanted,
+        "stage": None if settings.get("checkpoint") else settings.stage,
+        "checkpoint": runs.portable(checkpoint, run_dir),
+        "params": manifest["parameters"],
+        "files": {fmt: {"path": runs.portable(files[fmt], run_dir), "bytes": files[fmt].stat().st_size} for fmt in wanted["formats"]},
+        "max_abs_diff": checked.get("max_abs_diff"),
+        # the checks ran on the test set and on its first batch doubled (another batch size than the traced one)
+        "test_samples": checked["checked_samples"] - 2 * batch_utils.batch_size(example) if checked else None,
+        "latency_ms": latency,
+        "latency_batch_size": batch_utils.batch_size(example),
+        "latency_repeats": repeats,
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out_dir / runs.RESULT, entry)
+    shown = ", ".join(f"{runtime} {ms:.3f} ms" for runtime, ms in latency.items())
+    log.info("Exported %s to %s (max abs diff vs PyTorch %s; CPU per batch of %d: %s).", checkpoint, out_dir,
+             entry["max_abs_diff"], entry["latency_batch_size"], shown)
+    return entry
+
+
+def exported(run_dir: Path) -> dict[str, Any] | None:
+    """The export stage's entry of ``run_dir`` (``export/result.json``), or None."""
+    path = run_dir / EXPORT_STAGE / runs.RESULT
+    return read_json(path, what="export result") if path.is_file() else None
+
+
+def _export_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
+    given = cfg.export.get("checkpoint")
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint to export not found: {str(given)!r} (`export.checkpoint`).")
+        return path
+    stage = cfg.export.stage
+    stages = (*MODEL_STAGES, *STORED_STAGES, *ON_POLICY_STAGES)
+    if stage not in stages:
+        raise ValueError(f"Expected `export.stage` to be one of {', '.join(stages)}, but got {stage!r}.")
+    result = runs.read_result(run_dir, stage)
+    if result is None:
+        raise ValueError(
+            f"Nothing to export: stage {stage} has not finished in {str(run_dir)!r}. Set `export.checkpoint=PATH` (a stage's "
+            "`checkpoints/last.ckpt` or `model.pt`), or run `task=export` in the directory of a finished run "
+            "(`hydra.run.dir=DIR`; `export.stage=...` chooses its stage)."
+        )
+    return Path(result["checkpoint"])
 
 
 def _float(value: Any) -> float | None:

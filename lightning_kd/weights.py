@@ -18,20 +18,23 @@ M = TypeVar("M", bound=nn.Module)
 _PREFIXES = ("student.", "model.", "teacher.", "")
 
 
-def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None) -> M:
+def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None, exact: bool = False) -> M:
     """Load ``model``'s weights from ``path`` in place and return it.
 
     ``path`` is a Lightning checkpoint (its ``state_dict``) or a file holding a state dict, loaded
     with ``torch.load(..., weights_only=True)`` (no pickled code runs). The keys of ``model`` are
     looked up under ``prefix``; by default the first of ``student.``, ``model.``, ``teacher.`` or no
     prefix that holds all of them, so the checkpoint of a teacher trained with ``lightning-kd
-    task=teacher`` (keys ``student.*``) loads directly into the bare architecture.
+    task=teacher`` (keys ``student.*``) loads directly into the bare architecture. With ``exact``, the
+    prefix must hold no other keys either: a model with fewer layers than the checkpoint's (a GPT with 2
+    of its 4 blocks) is refused instead of loading a truncated copy.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         CheckpointError: if the file is empty, truncated, not a torch file or holds pickled objects.
         ValueError: if a weight or buffer holds NaN or Inf (a diverged run's checkpoint).
-        RuntimeError: if no prefix holds all of the model's keys (listing what is missing), or shapes differ.
+        RuntimeError: if no prefix holds all of the model's keys (listing what is missing), shapes differ,
+            or, with ``exact``, the prefix holds keys the model does not have.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -47,6 +50,8 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
     candidates = (prefix,) if prefix is not None else _PREFIXES
     for candidate in candidates:
         if all(candidate + key in state for key in wanted):
+            if exact:
+                _check_no_extra_keys(state, candidate, wanted, path)
             weights = {key: state[candidate + key] for key in wanted}
             _check_finite(weights, path)
             model.load_state_dict(weights)
@@ -57,6 +62,17 @@ def load_weights(model: M, path: str | os.PathLike, *, prefix: str | None = None
         f"{len(wanted)} keys (first model key: {wanted[0]!r}; checkpoint keys start with: {sample}). Is it the right "
         "architecture? Pass `prefix=` if the weights live under another name."
     )
+
+
+def _check_no_extra_keys(state: dict[str, Any], prefix: str, wanted: list[str], path: Path) -> None:
+    known = set(wanted)
+    extra = [key for key in state if key.startswith(prefix) and key[len(prefix):] not in known]
+    if extra:
+        raise RuntimeError(
+            f"The checkpoint {str(path)!r} holds {len(extra)} key(s) under the prefix {prefix!r} that this model does not "
+            f"have ({', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}): it was trained with another (larger) "
+            "architecture, whose weights would be loaded cut. Give the model it was trained with."
+        )
 
 
 def _check_finite(weights: dict[str, Any], path: Path) -> None:

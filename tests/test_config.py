@@ -100,7 +100,7 @@ def _build_everything(cfg: DictConfig, tmp_path: Path) -> None:
     """What `stages.run_stage` builds for each of the task's stages (module, datamodule, trainer), without fitting."""
     given = cfg.teacher.checkpoint  # as in `stages.run`: the teacher stage only loads a given teacher
     for stage in cfg.task.stages:
-        if stage == "soft_targets":  # built and run by _check_soft_targets
+        if stage in ("soft_targets", stages.EXPORT_STAGE):  # built and run by _check_soft_targets; export: tests/test_export.py
             continue
         # a stored stage reads the store a soft_targets stage writes (run in _check_soft_targets): built online here
         module = stages.build_module(cfg, stage, given if stage == "teacher" else given or _teacher_checkpoint(cfg, tmp_path),
@@ -161,8 +161,11 @@ def _check_task(cfg, option, tmp_path):
     assert cfg.task.name == option  # the run directory and error messages use it
     assert len(cfg.task.stages) > 0
     assert set(cfg.task.stages) <= set(stages.STAGES)
-    if "teacher" not in cfg.task.stages and set(cfg.task.stages) - {"student_scratch", "soft_targets"}:
+    if "teacher" not in cfg.task.stages and set(cfg.task.stages) - {"student_scratch", "soft_targets", stages.EXPORT_STAGE}:
         pytest.fail(f"task={option} distils without a teacher stage")  # the plan would require teacher.checkpoint
+    if stages.EXPORT_STAGE in cfg.task.stages and not cfg.export.checkpoint:
+        with pytest.raises(ValueError, match=r"Nothing to export: .*Set `export.checkpoint=PATH`"):
+            cli.train(cfg)  # an empty run directory has no finished stage to export
     if cfg.task.get("requires_teacher_checkpoint"):
         with pytest.raises(ValueError, match=r"set `teacher.checkpoint=PATH`"):
             cli.train(cfg)  # refused before any stage runs

@@ -22,7 +22,7 @@ def fresh_modules(code: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["lightning_kd.losses", "lightning_kd.teachers", "lightning_kd.features"])
+@pytest.mark.parametrize("module", ["lightning_kd.losses", "lightning_kd.teachers", "lightning_kd.features", "lightning_kd.export"])
 def test_losses_and_torch_only_modules_import_no_lightning(module):
     loaded = fresh_modules(f"import {module}")
     assert loaded == {"lightning": False, "lightning.pytorch": False, "torchmetrics": False, "hydra": False, "torch": True}
