@@ -35,8 +35,8 @@ from lightning_kd import batch as batch_utils
 from lightning_kd import report, runs
 from lightning_kd.callbacks import canonical_path
 from lightning_kd.checkpoint import fingerprint
-from lightning_kd.io import atomic_write
 from lightning_kd.module import DistillationModule
+from lightning_kd.sharding import is_sharded, save_full_state_dict
 from lightning_kd.soft_targets.batches import SoftTargetDataModule
 from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.soft_targets.store import SoftTargetStore, prepare_store_path
@@ -305,7 +305,7 @@ def _on_policy(cfg: DictConfig) -> dict[str, Any]:
 
 # What only a distilled stage uses: the teacher and scratch stages train on the hard loss alone.
 _DISTILLATION_ONLY = frozenset({"soft_loss", "alpha", "soft_weight", "features", "soft_targets", "teacher_checkpoint",
-                                "teacher_weights", "keep_teacher_in_checkpoint"})
+                                "teacher_weights", "keep_teacher_in_checkpoint", "teacher_sharding"})
 
 
 def _without_teacher(factory: functools.partial) -> dict[str, Any]:
@@ -424,9 +424,17 @@ def run_stage(
     if trainer.received_sigterm:
         last = stage_dir / "checkpoints" / "last.ckpt"
         where = (f"the re-run resumes it from {str(last)!r}, its end-of-epoch checkpoint (the steps after it are repeated)"
-                 if last.is_file() else "it had no checkpoint yet, so the re-run starts it over")
+                 if last.exists() else "it had no checkpoint yet, so the re-run starts it over")
         raise runs.Interrupted(f"Stage {stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: {where}.")
-    checkpoint = str(teacher_checkpoint) if given_teacher else str(stage_dir / "checkpoints" / "last.ckpt")
+    # The model's whole weights, on every rank: a sharded model is gathered (a collective), rank 0 writes them.
+    sharded = is_sharded(module.student)
+    weights = stage_dir / "model.pt"
+    save_full_state_dict(module.student, weights, rank=trainer.global_rank)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if sharded:
+        trainer.strategy.barrier()  # the next stage may read its teacher from this file on every rank
+    # A sharded stage hands on its gathered weights: its last.ckpt is a folder of shards, for resuming only.
+    checkpoint = str(teacher_checkpoint) if given_teacher else str(weights if sharded else last)
     entry = {
         "test_acc": _float(metrics.get("test/acc")),
         "params": report.count_parameters(module.student),
@@ -441,20 +449,19 @@ def run_stage(
         "teacher_test_bits_per_token": _float(metrics.get("test/teacher_bits_per_token")),
         "checkpoint": runs.portable(checkpoint, run_dir),  # relative inside the run directory: it may move
     }
-    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint, record)
+    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint if given_teacher or not sharded else str(last), record)
     return entry, checkpoint
 
 
 @rank_zero_only
 def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: DistillationModule, datamodule: Any, entry: dict[str, Any],
                   checkpoint: str, record: dict[str, Any] | None) -> None:
-    """Export the model's weights, time it on the CPU, and mark the stage done (rank 0 only)."""
-    model: nn.Module = module.student
+    """Time the model on the CPU and mark the stage done (rank 0 only; its weights are in ``model.pt`` by now)."""
     weights = run_dir / stage / "model.pt"
-    atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f))
+    model: nn.Module = _unsharded(cfg, stage, weights) if is_sharded(module.student) else module.student
     entry["weights_bytes"] = weights.stat().st_size
-    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
-    entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
+    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage; a sharded one is a folder.
+    entry["checkpoint_bytes"] = _size(Path(checkpoint))
     batch = next(iter(datamodule.test_dataloader()))
     example, _ = module.unpack_batch(batch)
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
@@ -465,6 +472,20 @@ def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: Distillati
             count = int(tokens.sum()) if isinstance(example, dict) and "attention_mask" in example else tokens.numel()
             entry["tokens_per_s"] = count / (entry["latency_ms"] / 1e3)
     runs.write_result(run_dir, stage, entry, checkpoint, record)
+
+
+def _unsharded(cfg: DictConfig, stage: str, weights: Path) -> nn.Module:
+    """A fresh copy of the stage's model with the gathered weights: a sharded one runs only on all ranks together."""
+    model = hydra.utils.instantiate(cfg.teacher.model if stage == "teacher" else cfg.student.model, _convert_="all")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _size(path: Path) -> int | None:
+    """Bytes of a checkpoint file, or of all the files of a sharded checkpoint folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.is_file() else None
 
 
 def _float(value: Any) -> float | None:
