@@ -559,7 +559,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         Default: :func:`~lightning_kd.sharding.shard_model` (the rule of :meth:`shard_student`), freeing each
         block's gathered weights right after its forward.
         """
-        shard_model(self.teacher, _data_parallel(mesh, tensor_parallel_ok=True))
+        shard_model(self.teacher, _data_parallel(mesh, tensor_parallel_ok=True), reshard_after_forward=True)
 
     # ------------------------------------------------------------------ checkpoints
     @override

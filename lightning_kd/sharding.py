@@ -66,15 +66,15 @@ def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True) -> None:
+def shard_model(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool | None = None) -> None:
     """``fully_shard`` each of :func:`shard_units` and then ``model`` itself, over the 1-D ``mesh``, in place.
 
     Args:
         model: the model; its parameters become ``DTensor`` shards (``model`` becomes an ``FSDPModule``).
         mesh: a 1-D device mesh of the data-parallel ranks.
-        reshard_after_forward: free the gathered weights after each unit's forward (FSDP2's default for
-            the units; here also for the model itself, whose weights FSDP2 would otherwise keep gathered
-            until the backward pass, which a frozen teacher never has).
+        reshard_after_forward: FSDP2's: None (its default) frees each unit's gathered weights after its forward
+            but keeps the model's own until the backward pass; True frees those too (a frozen teacher, which has
+            no backward pass, would otherwise keep them gathered).
 
     Raises:
         ValueError: if ``mesh`` is not 1-D.

@@ -439,7 +439,8 @@ def run_stage(
         "test_acc": _float(metrics.get("test/acc")),
         "params": report.count_parameters(module.student),
         "weights_bytes": None,
-        "checkpoint_bytes": None,
+        # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage; a sharded one is a folder.
+        "checkpoint_bytes": _size(Path(checkpoint if given_teacher or not sharded else last)),
         "latency_ms": None,
         "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
@@ -449,7 +450,7 @@ def run_stage(
         "teacher_test_bits_per_token": _float(metrics.get("test/teacher_bits_per_token")),
         "checkpoint": runs.portable(checkpoint, run_dir),  # relative inside the run directory: it may move
     }
-    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint if given_teacher or not sharded else str(last), record)
+    _finish_stage(cfg, run_dir, stage, module, datamodule, entry, checkpoint, record)
     return entry, checkpoint
 
 
@@ -460,8 +461,6 @@ def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: Distillati
     weights = run_dir / stage / "model.pt"
     model: nn.Module = _unsharded(cfg, stage, weights) if is_sharded(module.student) else module.student
     entry["weights_bytes"] = weights.stat().st_size
-    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage; a sharded one is a folder.
-    entry["checkpoint_bytes"] = _size(Path(checkpoint))
     batch = next(iter(datamodule.test_dataloader()))
     example, _ = module.unpack_batch(batch)
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))

@@ -125,6 +125,17 @@ def test_the_default_rule_refuses_tensor_parallel_meshes():
     assert _data_parallel(Mesh(2), tensor_parallel_ok=True).name == "data_parallel"  # the teacher: replicated across it
 
 
+def test_the_hooks_shard_each_model_over_the_mesh(monkeypatch):
+    calls = []
+    monkeypatch.setattr("lightning_kd.module.shard_model", lambda model, mesh, **kwargs: calls.append((model, mesh, kwargs)))
+    module = DistillationModule(get_model("cnn1d"), get_model("mlp"))
+    mesh = type("Mesh", (), {"ndim": 1})()  # a 1-D mesh is used as it is
+    module.shard_student(mesh)
+    module.shard_teacher(mesh)
+    # the teacher frees even its root unit's gathered weights after each forward (it has no backward pass)
+    assert calls == [(module.student, mesh, {}), (module.teacher, mesh, {"reshard_after_forward": True})]
+
+
 def test_full_state_dict_of_an_unsharded_model_is_its_state_dict():
     model = get_model("mlp")
     state = full_state_dict(model)
@@ -157,6 +168,46 @@ def test_resume_checkpoint_reads_sharded_folders(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------- two processes, Lightning directly
+
+
+def _gathered_after_forward(rank: int, port: int, out: dict) -> None:
+    """On 2 gloo ranks: shard a frozen GPT with shard_model, under FSDP2's default and with reshard_after_forward=True,
+    run one forward without autograd, and report whether each root unit (embeddings, final norm, head) is still gathered."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_kd.sharding import shard_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        for reshard in (None, True):
+            torch.manual_seed(0)
+            model = get_model("gpt_student").requires_grad_(False).eval()
+            shard_model(model, mesh, reshard_after_forward=reshard)
+            with torch.no_grad():
+                model(torch.randint(0, 200, (2, 8)))
+            out[(rank, reshard)] = model._get_fsdp_state()._fsdp_param_group.is_unsharded
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_sharded_teacher_frees_its_gathered_weights_after_its_forward():
+    """FSDP2 keeps a root unit's weights gathered after its forward (for the backward pass); the teacher has no backward
+    pass, so `shard_teacher` asks for them to be freed: else the embeddings and the head would stay whole on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_gathered_after_forward, args=(port, out), nprocs=2)
+        # FSDP2's default (the student's): still gathered; the teacher's setting: freed
+        assert dict(out) == {(0, None): True, (1, None): True, (0, True): False, (1, True): False}
 
 
 def run_worker(out: Path, teacher_sharding: str) -> None:
