@@ -352,3 +352,21 @@ def test_a_stage_stopped_after_its_first_epoch_resumes_from_the_sharded_checkpoi
     resumed, reference = (torch.load(d / STAGE / "model.pt", weights_only=True) for d in (run_dir, cli_runs["fsdp"]))
     assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
     assert train_losses(stage_dir)[1] == train_losses(cli_runs["fsdp"] / STAGE)[1]
+
+
+@pytest.mark.slow
+def test_a_sharded_teacher_stage_hands_its_gathered_weights_to_the_distilled_stage(tmp_path):
+    """`task=pipeline` under FSDP: the teacher stage's last.ckpt is a folder of shards, so it hands on its `model.pt`;
+    the distilled stage loads that teacher on both ranks and records its fingerprint."""
+    script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
+    run_dir = tmp_path / "pipeline"
+    run_command([script, "task=pipeline", "task.stages=[teacher,student_distilled]", "trainer=fsdp_cpu", "data.val_size=3600",
+                 "data.batch_size=64", *SMOKE, f"hydra.run.dir={run_dir}"], tmp_path, timeout=300)
+    result = json.loads((run_dir / "teacher" / runs.RESULT).read_text())
+    assert result["checkpoint"] == "teacher/model.pt" and (run_dir / "teacher" / "checkpoints" / "last.ckpt").is_dir()
+    teacher = get_model("cnn1d", num_classes=10)
+    teacher.load_state_dict(torch.load(run_dir / "teacher" / "model.pt", weights_only=True))
+    distilled = json.loads((run_dir / STAGE / runs.RESULT).read_text())
+    assert distilled["stage_config"]["teacher"]["checkpoint_sha256"] == [runs.file_digest(run_dir / "teacher" / "model.pt")]
+    meta = torch.load(run_dir / STAGE / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)
+    assert meta["teacher_fingerprint"] == fingerprint(teacher.requires_grad_(False))
