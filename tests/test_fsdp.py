@@ -32,7 +32,7 @@ from lightning_kd.checkpoint import CheckpointError, fingerprint
 from lightning_kd.losses import KDLoss, LearnableTemperature
 from lightning_kd.models import get_model
 from lightning_kd.module import _data_parallel
-from lightning_kd.sharding import TEACHER_SHARDING, check_teacher_sharding, full_state_dict, is_sharded, shard_units
+from lightning_kd.sharding import TEACHER_SHARDING, check_teacher_sharding, full_state_dict, is_sharded, shard_model, shard_units
 from lightning_kd.teachers import TeacherEnsemble
 
 HERE = Path(__file__).parent
@@ -134,6 +134,12 @@ def test_the_hooks_shard_each_model_over_the_mesh(monkeypatch):
     module.shard_teacher(mesh)
     # the teacher frees even its root unit's gathered weights after each forward (it has no backward pass)
     assert calls == [(module.student, mesh, {}), (module.teacher, mesh, {"reshard_after_forward": True})]
+
+
+def test_shard_model_refuses_a_mesh_that_is_not_one_dimensional():
+    mesh = type("Mesh", (), {"ndim": 2, "shape": (2, 2)})()
+    with pytest.raises(ValueError, match=r"Expected a 1-D device mesh \(the data-parallel ranks\), but got one of shape \(2, 2\)"):
+        shard_model(get_model("mlp"), mesh)
 
 
 def test_full_state_dict_of_an_unsharded_model_is_its_state_dict():
