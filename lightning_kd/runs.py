@@ -326,9 +326,10 @@ def _step_in_name(path: Path) -> int:
 def resume_checkpoint(stage_dir: Path) -> Path | None:
     """The checkpoint an interrupted stage resumes from, or ``None`` to train it from the start.
 
-    ``checkpoints/last.ckpt`` (a file, or the folder of per-rank shards that a sharded run writes) if it loads, unless Lightning's SLURM requeue saved a later
-    ``hpc_ckpt_N.ckpt``. A damaged ``last.ckpt`` (a full disk, a partial copy) falls back to the newest
-    intact checkpoint of the stage, and without one the stage starts over, each with a warning.
+    ``checkpoints/last.ckpt`` (a file, or the folder of per-rank shards that a sharded run writes) if it
+    loads, unless Lightning's SLURM requeue saved a later ``hpc_ckpt_N.ckpt``. A damaged ``last.ckpt`` (a full
+    disk, a partial copy, a shard folder without its index) falls back to the newest intact checkpoint of the
+    stage, and without one the stage starts over, each with a warning.
 
     Raises:
         CheckpointError: if a checkpoint holds pickled objects (refused, never run, and no fallback:
