@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -376,3 +377,25 @@ def test_a_sharded_teacher_stage_hands_its_gathered_weights_to_the_distilled_sta
     assert distilled["stage_config"]["teacher"]["checkpoint_sha256"] == [runs.file_digest(run_dir / "teacher" / "model.pt")]
     meta = torch.load(run_dir / STAGE / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=True)
     assert meta["teacher_fingerprint"] == fingerprint(teacher.requires_grad_(False))
+
+
+@pytest.mark.slow
+def test_a_sigterm_after_the_first_epoch_resumes_to_the_uninterrupted_result(cli_runs, tmp_path):
+    """A real stop: SIGTERM to the console script once epoch 1's sharded last.ckpt is complete. Lightning stops both
+    ranks at the end of a batch; the run exits with 143 and no result; the same command finishes the stage with the
+    uninterrupted run's weights, bit for bit."""
+    from test_faults import finish, start, wait_for
+
+    run_dir = tmp_path / "sigterm"
+    args = [*COMMON, f"teacher.checkpoint={cli_runs['teacher']}", "trainer=fsdp_cpu", f"hydra.run.dir={run_dir}"]
+    proc = start(*args, cwd=tmp_path)
+    wait_for(run_dir / STAGE / "checkpoints" / "last.ckpt" / "meta.pt", proc)  # written after the shards and their index
+    proc.send_signal(signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == runs.SIGTERM_EXIT_CODE, out[-4000:]
+    assert "Stage student_distilled stopped by SIGTERM" in out and not (run_dir / STAGE / runs.RESULT).exists()
+
+    out = lightning_kd(run_dir, cli_runs["teacher"], "trainer=fsdp_cpu")
+    assert f"Restoring states from the checkpoint path at {run_dir / STAGE / 'checkpoints' / 'last.ckpt'}" in out
+    resumed, reference = (torch.load(d / STAGE / "model.pt", weights_only=True) for d in (run_dir, cli_runs["fsdp"]))
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[k], reference[k]) for k in resumed)
