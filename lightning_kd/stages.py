@@ -26,6 +26,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -367,8 +368,16 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(runs.AtomicCheckpointIO())  # a crash while saving keeps the previous last.ckpt whole
     # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
-    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
-                                   default_root_dir=str(stage_dir), **no_bar)
+    trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
+                                      default_root_dir=str(stage_dir), **no_bar)
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        # A sharded save bypasses the checkpoint writer and rewrites last.ckpt's shard files in place: a crash halfway
+        # would leave shards of two epochs under one index. Lightning's `save_last="link"` makes last.ckpt a link to the
+        # newest epoch's folder instead, which is written under a new name and replaces nothing.
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is True and callback.save_top_k != 0:
+                callback.save_last = "link"
+    return trainer
 
 
 @rank_zero_only

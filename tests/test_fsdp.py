@@ -149,6 +149,13 @@ def test_full_state_dict_of_an_unsharded_model_is_its_state_dict():
     assert state.keys() == model.state_dict().keys() and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize(("trainer", "save_last"), [("fsdp_cpu", "link"), ("cpu", True), ("ddp_cpu", True)])
+def test_a_sharded_trainer_links_last_ckpt_instead_of_rewriting_it(tmp_path, trainer, save_last):
+    cfg = make_cfg(tmp_path / "run", f"trainer={trainer}")
+    built = stages.build_trainer(cfg, "student_distilled", tmp_path / "run" / "student_distilled", max_epochs=1)
+    assert built.checkpoint_callback.save_last == save_last and built.checkpoint_callback.save_top_k == 1
+
+
 def _sharded_checkpoint(path: Path, step: int, *, index: bool = True) -> Path:
     path.mkdir(parents=True)
     torch.save({"global_step": step, "epoch": 0}, path / runs.SHARDED_METADATA)
@@ -333,6 +340,8 @@ def test_fsdp_trains_the_ddp_student(cli_runs):
     assert report["params"] == sum(p.numel() for p in student.parameters())  # the whole student, not one rank's shard
     last = cli_runs["fsdp"] / STAGE / "checkpoints" / "last.ckpt"
     assert report["checkpoint_bytes"] == sum(f.stat().st_size for f in last.iterdir())
+    # never rewritten in place (a sharded save bypasses the atomic writer): a link to the newest epoch's folder
+    assert last.is_symlink() and os.readlink(last) == "epoch=1-step=8.ckpt"
     for path in (cli_runs["fsdp"] / STAGE / "checkpoints").iterdir():  # the teacher is in no checkpoint
         assert path.is_dir() and not [k for k in checkpoint_keys(path) if "teacher" in k]
 
