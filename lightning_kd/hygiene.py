@@ -30,6 +30,7 @@ class FrozenTeacher:
     """
 
     _teacher_fingerprint: str | None = None
+    _recorded_fingerprint: str | None = None  # taken before the teacher was sharded: its shards alone do not give it
     _eval_mode_guard: warnings.catch_warnings | None = None
     #: True once ``on_load_checkpoint`` loaded the checkpoint of a student trained with a teacher (or its stored
     #: outputs) into a module without one: the student serves inference (``forward``, predict, validate, test),
@@ -93,11 +94,18 @@ class FrozenTeacher:
             )
 
     # ------------------------------------------------------------------ checkpoints
+    def record_teacher_fingerprint(self) -> None:
+        """Take the teacher's fingerprint now and keep it: call it before the teacher is sharded (FSDP2), whose
+        shards alone cannot be fingerprinted on one rank. The teacher is frozen, so the fingerprint stays true."""
+        self._recorded_fingerprint = None if self.teacher is None else fingerprint(self.teacher)  # type: ignore[attr-defined]
+
     def teacher_fingerprint(self) -> str | None:
         """SHA-256 of the teacher's parameters and buffers (cached during a fit: the teacher is frozen)."""
         teacher = self.teacher  # type: ignore[attr-defined]
         if teacher is None:
             return None
+        if self._recorded_fingerprint is not None:
+            return self._recorded_fingerprint
         trainer = attached_trainer(self)
         fitting = trainer is not None and trainer.training
         if self._teacher_fingerprint is None or not fitting:
@@ -184,7 +192,7 @@ class FrozenTeacher:
         has_teacher_keys = any(k.startswith("teacher.") for k in checkpoint.get("state_dict", {}))
         if expected is None or teacher is None or has_teacher_keys:
             return
-        actual = fingerprint(teacher)
+        actual = self._recorded_fingerprint or fingerprint(teacher)
         if actual == expected:
             return
         saved_dtypes, dtypes = checkpoint.get("teacher_dtypes"), _float_dtypes(teacher)

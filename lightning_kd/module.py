@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -19,16 +20,20 @@ from lightning_kd.checkpoint import (
     LOADING_CHECKPOINT, allow_missing_teacher_keys, check_objectives, drop_teacher_keys, fingerprint, objectives, plain,
 )
 from lightning_kd.data.augment import Augmentation
-from lightning_kd.features import FeatureDistillation, FeatureTerm, feature_distillation, token_mask
+from lightning_kd.features import FeatureTerm, feature_distillation, token_mask
 from lightning_kd.guards import ValueGuard, batchnorm_batch_of_one, check_precision
 from lightning_kd.hygiene import FrozenTeacher, attached_trainer
 from lightning_kd.losses import IGNORE_INDEX, HardCrossEntropyLoss, HardMSELoss, KDLoss, LogitLoss, TopKLogits
 from lightning_kd.losses.hard import class_per_position
 from lightning_kd.metrics import DistillationMetrics
+from lightning_kd.sharding import TeacherSharding, check_teacher_sharding, is_sharded, shard_model
 from lightning_kd.soft_targets.store import SoftTargetStore, open_store
 from lightning_kd.teacher_outputs import StoredTeacherOutputs, TeacherOutputs
 from lightning_kd.speed import Speed
 from lightning_kd.teachers import TeacherEnsemble, Teachers, call_model, cast_inputs, check_not_shared, extract_logits, load_teacher
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
@@ -55,7 +60,8 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
     (its fingerprint is recorded and checked on load instead). ``teacher=None`` trains the student on
     the hard loss alone (the "from scratch" baseline). ``load_from_checkpoint(path, student=...)``
     without a teacher loads a distilled student for inference only (see ``student_only``). Override
-    points: :meth:`unpack_batch`, :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`.
+    points: :meth:`unpack_batch`, :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`,
+    and under Lightning's ``ModelParallelStrategy`` (FSDP2) :meth:`shard_student` and :meth:`shard_teacher`.
 
     Args:
         teacher: the trained teacher, several (a list or dict: an ensemble whose logits are the
@@ -91,9 +97,13 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
             (:mod:`lightning_kd.optim`).
         keep_teacher_in_checkpoint: also save the teacher's weights in checkpoints.
         speed: :class:`Speed` options (teacher dtype, ``compile``, channels-last).
+        teacher_sharding: under Lightning's ``ModelParallelStrategy``, where the student is sharded with FSDP2:
+            ``"shard"`` the teacher too (each rank holds a slice of its weights and gathers one block at a time
+            for its forward), or ``"replicate"`` it (each rank holds all of it: no communication for its
+            forward, more memory). Other strategies replicate both models (see :meth:`configure_model`).
 
     Raises:
-        ValueError: for ``alpha`` outside [0, 1], an unknown scheduler, a top-k store with a loss that needs
+        ValueError: for ``alpha`` outside [0, 1], an unknown ``teacher_sharding``, an unknown scheduler, a top-k store with a loss that needs
             full logits, an unknown layer; at run time for outputs or targets that do not fit each other.
         TypeError: if the student, the teacher, ``soft_loss``, ``hard_loss`` or ``speed`` has the wrong type.
 
@@ -126,6 +136,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         lr_scheduler: str | Callable[..., Any] | Mapping[str, Any] | None = None,
         keep_teacher_in_checkpoint: bool = False,
         speed: Speed | None = None,
+        teacher_sharding: TeacherSharding = "shard",
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -148,6 +159,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler = lr_scheduler
         self.keep_teacher_in_checkpoint = check_bool(keep_teacher_in_checkpoint, "keep_teacher_in_checkpoint")
+        self.teacher_sharding = check_teacher_sharding(teacher_sharding)
         self.teacher_checkpoint = plain(teacher_checkpoint)
         store = None if soft_targets is None else open_store(soft_targets, recorded=LOADING_CHECKPOINT.get())
         # Only plain values go to the hyperparameters (checkpoints load with weights_only=True); the objects
@@ -155,7 +167,7 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         self.save_hyperparameters({
             "alpha": float(alpha), "soft_weight": float(soft_weight), "augmentation_seed": int(augmentation_seed),
             "teacher_checkpoint": self.teacher_checkpoint, "teacher_weights": plain(teacher_weights),
-            "keep_teacher_in_checkpoint": keep_teacher_in_checkpoint,
+            "keep_teacher_in_checkpoint": keep_teacher_in_checkpoint, "teacher_sharding": teacher_sharding,
             "soft_targets": None if store is None else str(store.path),
         })
         self.student = student
@@ -505,6 +517,58 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         if stage == "fit" and self.feature_distillation is not None:
             self.feature_distillation.detach()  # nothing stays registered on the user's models
 
+    # ------------------------------------------------------------------ sharding (FSDP2)
+    @override
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: shard the student with FSDP2 (:meth:`shard_student`) and
+        shard the teacher (:meth:`shard_teacher`) or leave a whole copy on each rank (``teacher_sharding``).
+
+        A no-op under any other strategy, and for a model that is already sharded: Lightning calls this hook
+        for every ``fit``, ``validate`` and ``test``. The teacher stays frozen, in eval mode and out of the
+        optimizer; its fingerprint is taken before it is sharded (checkpoints record it, loads compare it).
+
+        Raises:
+            ValueError: for trainable parameters outside the student (FitNet's adapters, a learned temperature):
+                FSDP2 shards and averages the student's gradients only; theirs would differ on every rank.
+        """
+        trainer = attached_trainer(self)
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        outside = [name for name, p in self.named_parameters() if p.requires_grad and not name.startswith(("student.", "teacher."))]
+        if outside and not is_sharded(self.student):
+            raise ValueError(
+                f"Expected every trainable parameter to belong to the student under ModelParallelStrategy (FSDP2 shards and "
+                f"averages the student's gradients only), but got {', '.join(outside[:5])}"
+                f"{f' and {len(outside) - 5} more' if len(outside) > 5 else ''} (FitNet's adapters or a learned "
+                "temperature). Train this objective with DDP (`Trainer(strategy='ddp')`), or shard these modules in `shard_student`."
+            )
+        mesh = self.device_mesh
+        if not is_sharded(self.student):
+            self.shard_student(mesh)
+        if self.teacher is not None and self.teacher_sharding == "shard" and not is_sharded(self.teacher):
+            self.record_teacher_fingerprint()
+            self.shard_teacher(mesh)
+
+    def shard_student(self, mesh: DeviceMesh) -> None:
+        """Shard the student over the data-parallel ranks of ``mesh`` (called by :meth:`configure_model`).
+
+        Default: :func:`~lightning_kd.sharding.shard_model`, one FSDP unit per block of an ``nn.ModuleList`` /
+        ``nn.ModuleDict`` (a transformer's layers), else per child with parameters, then the whole student.
+        Override for another rule, or to add tensor parallelism on ``mesh["tensor_parallel"]``.
+
+        Raises:
+            ValueError: if ``mesh`` has a tensor-parallel dimension larger than 1 (this rule shards data-parallel only).
+        """
+        shard_model(self.student, _data_parallel(mesh))
+
+    def shard_teacher(self, mesh: DeviceMesh) -> None:
+        """Shard the frozen teacher over the data-parallel ranks of ``mesh`` (with ``teacher_sharding="shard"``).
+
+        Default: :func:`~lightning_kd.sharding.shard_model` (the rule of :meth:`shard_student`), freeing each
+        block's gathered weights right after its forward.
+        """
+        shard_model(self.teacher, _data_parallel(mesh, tensor_parallel_ok=True), reshard_after_forward=True)
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -524,6 +588,20 @@ class DistillationModule(FrozenTeacher, L.LightningModule):
         if shapes and self.feature_distillation is not None and not self.feature_distillation.adapter_shapes:
             self.feature_distillation.build_adapters(shapes)  # `load_from_checkpoint` comes without a dry forward
 
+
+
+def _data_parallel(mesh: DeviceMesh, *, tensor_parallel_ok: bool = False) -> DeviceMesh:
+    """The data-parallel dimension of Lightning's ``("data_parallel", "tensor_parallel")`` mesh (a 1-D mesh as it is)."""
+    if mesh.ndim == 1:
+        return mesh
+    tensor_parallel = mesh["tensor_parallel"].size()
+    if tensor_parallel > 1 and not tensor_parallel_ok:
+        raise ValueError(
+            f"Expected `ModelParallelStrategy(tensor_parallel_size=1)`, but got {tensor_parallel}: the default `shard_student` "
+            "shards over the data-parallel ranks only. Set `data_parallel_size` to the number of processes and "
+            "`tensor_parallel_size=1`, or override `shard_student` to apply tensor parallelism."
+        )
+    return mesh["data_parallel"]
 
 
 def _feature_mask(inputs: Any, student_out: Tensor | None, mask: Tensor) -> Tensor:

@@ -326,9 +326,10 @@ def _step_in_name(path: Path) -> int:
 def resume_checkpoint(stage_dir: Path) -> Path | None:
     """The checkpoint an interrupted stage resumes from, or ``None`` to train it from the start.
 
-    ``checkpoints/last.ckpt`` if it loads, unless Lightning's SLURM requeue saved a later
-    ``hpc_ckpt_N.ckpt``. A damaged ``last.ckpt`` (a full disk, a partial copy) falls back to the newest
-    intact checkpoint of the stage, and without one the stage starts over, each with a warning.
+    ``checkpoints/last.ckpt`` (a file, or the folder of per-rank shards that a sharded run writes) if it
+    loads, unless Lightning's SLURM requeue saved a later ``hpc_ckpt_N.ckpt``. A damaged ``last.ckpt`` (a full
+    disk, a partial copy, a shard folder without its index) falls back to the newest intact checkpoint of the
+    stage, and without one the stage starts over, each with a warning.
 
     Raises:
         CheckpointError: if a checkpoint holds pickled objects (refused, never run, and no fallback:
@@ -341,7 +342,7 @@ def resume_checkpoint(stage_dir: Path) -> Path | None:
 
     def step(path: Path) -> int | None:
         try:
-            checkpoint = load_checkpoint(path, what="resume checkpoint")
+            checkpoint = _read_checkpoint_metadata(path)
         except CheckpointError as err:
             if isinstance(err.__cause__, pickle.UnpicklingError):
                 raise CheckpointError(f"{err} Delete it to resume from the stage's other checkpoints, or to train the stage again.") from err
@@ -349,7 +350,7 @@ def resume_checkpoint(stage_dir: Path) -> Path | None:
             return None
         return int(checkpoint.get("global_step", -1)) if isinstance(checkpoint, dict) else -1
 
-    found = {path: s for path in ([last] if last.is_file() else []) + hpc if (s := step(path)) is not None}
+    found = {path: s for path in ([last] if last.exists() else []) + hpc if (s := step(path)) is not None}
     if not found:
         for path in others:  # newest first: the first one that loads
             if (s := step(path)) is not None:
@@ -363,6 +364,28 @@ def resume_checkpoint(stage_dir: Path) -> Path | None:
     if damaged:
         log.warning("Damaged checkpoint in %s: %s. Resuming from %s (step %d) instead.", stage_dir, "; ".join(damaged), chosen, found[chosen])
     return chosen
+
+
+# A sharded checkpoint (Lightning's ModelParallelStrategy): a folder with torch.distributed.checkpoint's shards and
+# index, and Lightning's own entries (epoch, step, loops, hyperparameters) in a torch file beside them.
+SHARDED_METADATA, SHARDED_INDEX = "meta.pt", ".metadata"
+
+
+def _read_checkpoint_metadata(path: Path) -> Any:
+    """A checkpoint file's contents, or a sharded checkpoint folder's Lightning entries (``meta.pt``), read with
+    ``weights_only=True``; a folder without its shard index is damaged (its save did not finish).
+
+    Raises:
+        CheckpointError: for a damaged file or folder, or one holding pickled objects.
+    """
+    if not path.is_dir():
+        return load_checkpoint(path, what="resume checkpoint")
+    if not (path / SHARDED_INDEX).is_file():
+        raise CheckpointError(f"The sharded resume checkpoint {str(path)!r} has no {SHARDED_INDEX!r} index: its save did not finish.")
+    try:
+        return load_checkpoint(path / SHARDED_METADATA, what="resume checkpoint")
+    except FileNotFoundError as err:
+        raise CheckpointError(f"The sharded resume checkpoint {str(path)!r} has no {SHARDED_METADATA!r}: its save did not finish.") from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -27,6 +27,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -36,8 +37,9 @@ from lightning_kd import batch as batch_utils
 from lightning_kd import export, report, runs
 from lightning_kd.callbacks import canonical_path
 from lightning_kd.checkpoint import fingerprint
-from lightning_kd.io import atomic_write, atomic_write_json, read_json
+from lightning_kd.io import atomic_write_json, read_json
 from lightning_kd.module import DistillationModule
+from lightning_kd.sharding import is_sharded, save_full_state_dict
 from lightning_kd.soft_targets.batches import SoftTargetDataModule
 from lightning_kd.soft_targets.build import build_soft_targets
 from lightning_kd.soft_targets.store import SoftTargetStore, prepare_store_path
@@ -311,7 +313,7 @@ def _on_policy(cfg: DictConfig) -> dict[str, Any]:
 
 # What only a distilled stage uses: the teacher and scratch stages train on the hard loss alone.
 _DISTILLATION_ONLY = frozenset({"soft_loss", "alpha", "soft_weight", "features", "soft_targets", "teacher_checkpoint",
-                                "teacher_weights", "keep_teacher_in_checkpoint"})
+                                "teacher_weights", "keep_teacher_in_checkpoint", "teacher_sharding"})
 
 
 def _without_teacher(factory: functools.partial) -> dict[str, Any]:
@@ -373,8 +375,16 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, *, max_epochs: i
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(runs.AtomicCheckpointIO())  # a crash while saving keeps the previous last.ckpt whole
     # default_root_dir: where Lightning's SLURM requeue saves its hpc_ckpt_N.ckpt, one folder per stage.
-    return hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
-                                   default_root_dir=str(stage_dir), **no_bar)
+    trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=logger, plugins=plugins,
+                                      default_root_dir=str(stage_dir), **no_bar)
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        # A sharded save bypasses the checkpoint writer and rewrites last.ckpt's shard files in place: a crash halfway
+        # would leave shards of two epochs under one index. Lightning's `save_last="link"` makes last.ckpt a link to the
+        # newest epoch's folder instead, which is written under a new name and replaces nothing.
+        for callback in trainer.checkpoint_callbacks:
+            if callback.save_last is True and callback.save_top_k != 0:
+                callback.save_last = "link"
+    return trainer
 
 
 def build_logger(logger: DictConfig, stage: str) -> Any:
@@ -439,15 +449,24 @@ def run_stage(
     if trainer.received_sigterm:
         last = stage_dir / "checkpoints" / "last.ckpt"
         where = (f"the re-run resumes it from {str(last)!r}, its end-of-epoch checkpoint (the steps after it are repeated)"
-                 if last.is_file() else "it had no checkpoint yet, so the re-run starts it over")
+                 if last.exists() else "it had no checkpoint yet, so the re-run starts it over")
         raise runs.Interrupted(f"Stage {stage} stopped by SIGTERM at epoch {trainer.current_epoch}, step {trainer.global_step}: {where}.")
-    checkpoint = str(teacher_checkpoint) if given_teacher else str(stage_dir / "checkpoints" / "last.ckpt")
+    # The model's whole weights, on every rank: a sharded model is gathered (a collective), rank 0 writes them.
+    sharded = is_sharded(module.student)
+    weights = stage_dir / "model.pt"
+    save_full_state_dict(module.student, weights, rank=trainer.global_rank)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if sharded:
+        trainer.strategy.barrier()  # the next stage may read its teacher from this file on every rank
+    # A sharded stage hands on its gathered weights: its last.ckpt is a folder of shards, for resuming only.
+    checkpoint = str(teacher_checkpoint) if given_teacher else str(weights if sharded else last)
     entry = {
         "test_acc": _float(metrics.get("test/acc")),
         "val_acc": val_acc,  # what a sweep may tune on (`objective=student_distilled.val_acc`), not the test set
         "params": report.count_parameters(module.student),
         "weights_bytes": None,
-        "checkpoint_bytes": None,
+        # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage; a sharded one is a folder.
+        "checkpoint_bytes": _size(Path(checkpoint if given_teacher or not sharded else last)),
         "latency_ms": None,
         "epochs": int(epochs),
         "agreement_with_teacher": _float(metrics.get("test/agreement")),
@@ -464,13 +483,10 @@ def run_stage(
 @rank_zero_only
 def _finish_stage(cfg: DictConfig, run_dir: Path, stage: str, module: DistillationModule, datamodule: Any, entry: dict[str, Any],
                   checkpoint: str, record: dict[str, Any] | None) -> None:
-    """Export the model's weights, time it on the CPU, and mark the stage done (rank 0 only)."""
-    model: nn.Module = module.student
+    """Time the model on the CPU and mark the stage done (rank 0 only; its weights are in ``model.pt`` by now)."""
     weights = run_dir / stage / "model.pt"
-    atomic_write(weights, lambda f: torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f))
+    model: nn.Module = _unsharded(cfg, stage, weights) if is_sharded(module.student) else module.student
     entry["weights_bytes"] = weights.stat().st_size
-    # The Lightning checkpoint (weights + optimizer state, no teacher) of a trained stage.
-    entry["checkpoint_bytes"] = Path(checkpoint).stat().st_size if Path(checkpoint).is_file() else None
     batch = next(iter(datamodule.test_dataloader()))
     example, _ = module.unpack_batch(batch)
     entry["latency_ms"] = report.cpu_latency_ms(model, example, repeats=int(cfg.report.latency_batches))
@@ -575,6 +591,20 @@ def _export_checkpoint(cfg: DictConfig, run_dir: Path) -> Path:
             "(`hydra.run.dir=DIR`; `export.stage=...` chooses its stage)."
         )
     return Path(result["checkpoint"])
+
+
+def _unsharded(cfg: DictConfig, stage: str, weights: Path) -> nn.Module:
+    """A fresh copy of the stage's model with the gathered weights: a sharded one runs only on all ranks together."""
+    model = hydra.utils.instantiate(cfg.teacher.model if stage == "teacher" else cfg.student.model, _convert_="all")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _size(path: Path) -> int | None:
+    """Bytes of a checkpoint file, or of all the files of a sharded checkpoint folder."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size if path.is_file() else None
 
 
 def _float(value: Any) -> float | None:

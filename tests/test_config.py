@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, InstantiationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -287,15 +287,25 @@ def _check_trainer(cfg, option, tmp_path):
     assert wanted["_target_"] in ("lightning.pytorch.Trainer", "lightning.Trainer")
     assert wanted["precision"] == "32-true"
     needs_gpu = wanted["accelerator"] in ("gpu", "cuda")
+    sharded = isinstance(wanted["strategy"], dict)
+    if sharded:  # FSDP2: every process a data-parallel rank
+        assert wanted["strategy"]["_target_"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+        assert (wanted["strategy"]["data_parallel_size"], wanted["strategy"]["tensor_parallel_size"]) == (wanted["devices"], 1)
+        assert wanted["strategy"]["save_distributed_checkpoint"] is True
     trainer = stages.build_trainer(_on_this_machine(cfg), "teacher", tmp_path / "teacher", max_epochs=1)
     assert isinstance(trainer, L.Trainer)
     assert trainer.max_epochs == 1
     if needs_gpu and CPU_ONLY:  # built on the CPU above; the GPU settings are checked as written
+        if sharded:
+            assert isinstance(trainer.strategy, ModelParallelStrategy) and wanted["devices"] == 8  # one node's GPUs
+            return
         assert wanted["devices"] in (1, -1)
         assert wanted["strategy"] == ("ddp" if option == "ddp" else "auto")
         return
     assert trainer.num_devices == wanted["devices"]
-    if wanted["strategy"] == "ddp":
+    if sharded:
+        assert isinstance(trainer.strategy, ModelParallelStrategy) and trainer.strategy._data_parallel_size == wanted["devices"] == 2
+    elif wanted["strategy"] == "ddp":
         assert isinstance(trainer.strategy, DDPStrategy)
     else:
         assert isinstance(trainer.strategy, SingleDeviceStrategy)
