@@ -87,12 +87,13 @@ print(torch.__version__, torch.version.cuda, torch.cuda.device_count(), "x", tor
 EOF
 if [ $? -ne 0 ]; then line FAIL device 0 "$(tail -n 1 "$OUT_DIR/device.log")"; exit 1; fi
 line PASS device 0 "$(cat "$OUT_DIR/device.log")"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
 check 16-mixed   240 lightning-kd "${DISTILL[@]}" trainer=gpu precision=16-mixed "hydra.run.dir=$OUT_DIR/16-mixed/run"
 check bf16-mixed 240 lightning-kd "${DISTILL[@]}" trainer=gpu precision=bf16-mixed "hydra.run.dir=$OUT_DIR/bf16-mixed/run"
 check ddp_nccl   300 lightning-kd "${DISTILL[@]}" trainer=ddp "hydra.run.dir=$OUT_DIR/ddp_nccl/run"
 if [ -f conf/trainer/fsdp.yaml ]; then
-  check fsdp     300 lightning-kd "${DISTILL[@]}" trainer=fsdp "hydra.run.dir=$OUT_DIR/fsdp/run"
+  check fsdp     300 lightning-kd "${DISTILL[@]}" trainer=fsdp "trainer.devices=$NGPU" "hydra.run.dir=$OUT_DIR/fsdp/run"
 else
   line SKIP fsdp 0 "conf/trainer/fsdp.yaml is missing"
 fi
