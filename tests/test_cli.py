@@ -78,10 +78,11 @@ def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def run_command(args: list[str], cwd: Path, *, timeout: float) -> subprocess.CompletedProcess:
-    """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included)."""
+def run_command(args: list[str], cwd: Path, *, timeout: float, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``args`` in its own process group; on a timeout kill the whole group (DDP's rank 1 included).
+    ``unset``: environment variables the command must not see (e.g. PYTHONPATH, which a README never sets)."""
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if key not in unset},
         "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()),  # set by conftest.py
         "OMP_NUM_THREADS": "1",
         "HYDRA_FULL_ERROR": "1",

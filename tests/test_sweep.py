@@ -11,8 +11,6 @@ import csv
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+
+from test_cli import run_command
 
 from lightning_kd import cli, report, sweep
 from lightning_kd.models import get_model
@@ -32,16 +32,7 @@ TINY = ("student.epochs=1", "+trainer.limit_train_batches=2", "callbacks=quiet",
 def lightning_kd(*args: str, cwd: Path, timeout: float = 240) -> str:
     script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
     assert script is not None, "the `lightning-kd` console script is not installed next to this Python"
-    env = {**os.environ, "LIGHTNING_KD_DATA": str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([script, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, f"lightning-kd {' '.join(args)} exited with {proc.returncode}:\n{out[-4000:]}"
-    return out
+    return run_command([script, *args], cwd, timeout=timeout).stdout
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+
+from test_cli import run_command
 
 from lightning_kd import cli
 
@@ -103,17 +104,7 @@ def count(model: torch.nn.Module) -> int:
 def lightning_kd(args: list[str], cwd: Path, timeout: float = 180) -> str:
     script = shutil.which("lightning-kd", path=os.path.dirname(sys.executable))
     assert script is not None, "the `lightning-kd` console script is not installed next to this Python"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # the README never sets it
-    env.update(LIGHTNING_KD_DATA=str(Path(os.environ["LIGHTNING_KD_DATA"]).resolve()), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([script, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, f"lightning-kd {' '.join(args)} exited with {proc.returncode}:\n{out[-4000:]}"
-    return out
+    return run_command([script, *args], cwd, timeout=timeout, unset=("PYTHONPATH",)).stdout  # the README never sets it
 
 
 # ---------------------------------------------------------------------- the README's recipe, end to end
