@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_kd.io import atomic_write, atomic_write_text, read_json
+from lightning_kd.teachers import call_model
 
 # Report rows in workflow order; other names follow alphabetically.
 ENTRY_ORDER = ("teacher", "student_scratch", "student_distilled", "student_distilled_stored", "student_on_policy",
@@ -59,8 +60,7 @@ def cpu_latency_ms(model: nn.Module, example: Any, *, repeats: int = 100, warmup
 
     model = copy.deepcopy(model).to("cpu").float().eval()
     example = _to_cpu(example)
-    forward = (lambda: model(**example)) if isinstance(example, dict) else (lambda: model(example))  # noqa: E731  (HF-style keyword inputs)
-    return mean_ms(forward, repeats=repeats, warmup=warmup)
+    return mean_ms(lambda: call_model(model, example), repeats=repeats, warmup=warmup)  # HF-style keyword inputs too
 
 
 def mean_ms(forward: Callable[[], Any], *, repeats: int = 100, warmup: int = 10) -> float:
